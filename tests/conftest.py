@@ -1,0 +1,12 @@
+"""Test setup: four fake CPU devices, set before jax is imported anywhere."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu") if not os.environ.get("APB_TEST_GPU") else None
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
