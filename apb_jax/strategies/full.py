@@ -32,3 +32,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 def full_attention(call: AttnCall) -> jax.Array:
     """The `full` strategy's attention: every layer attends causally over the whole sequence on one device."""
     return causal_attention(call.q, call.k, call.v)
+
+
+def attention(ctx):
+    """Strategy entry point (one host): plain causal attention."""
+    del ctx
+    return full_attention
