@@ -4,7 +4,8 @@ import os
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu") if not os.environ.get("APB_TEST_GPU") else None
+if not os.environ.get("APB_TEST_GPU"):  # the GPU test files set APB_TEST_GPU=1 on a GPU machine
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import jax  # noqa: E402
