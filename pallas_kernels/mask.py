@@ -72,17 +72,22 @@ class ApbMask:
     return k_start, k_end, self.pk, (pv, self.pk)
 
   def dense(self, passing_valid=None, kv_valid=None):
-    """bool [Tq, Tk] (or [batch, Tq, Tk] with a batched kv_valid); for the reference and tests."""
+    """bool [Tq, Tk] (or [batch, Tq, Tk] with a batched kv_valid); for the reference and tests.
+
+    numpy when every input is concrete numpy/int, jnp otherwise (traced passing_valid).
+    """
     pv = self.pk if passing_valid is None else passing_valid
-    rows = jnp.arange(self.tq)[:, None]
-    keys = jnp.arange(self.tk)[None, :]
+    concrete = isinstance(pv, (int, np.integer)) and (kv_valid is None or isinstance(kv_valid, np.ndarray))
+    lib = np if concrete else jnp
+    rows = lib.arange(self.tq)[:, None]
+    keys = lib.arange(self.tk)[None, :]
     j = keys - self.pk
-    in_main = (j >= 0) & (j < self.m_end(rows))
-    in_pass = keys < jnp.minimum(self.p_end(rows, pv), self.pk)
-    mask = in_main | (in_pass & (keys < self.pk))
+    m_end = rows + 1 if self.causal else lib.where(rows < self.anchor_len, rows + 1, self.tq)
+    in_main = (j >= 0) & (j < m_end)
+    in_pass = (keys < lib.minimum(lib.where(rows >= self.anchor_len, pv, 0), self.pk))
+    mask = in_main | in_pass
     if kv_valid is not None:
-      kv_valid = jnp.asarray(kv_valid, bool)
-      mask = mask & kv_valid[..., None, :]
+      mask = mask & lib.asarray(kv_valid, bool)[..., None, :]
     return mask
 
   def block_table(self, block_q: int, block_k: int, passing_valid: int | None = None,

@@ -25,6 +25,21 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
 
+def out_struct(shape, dtype, like):
+  """ShapeDtypeStruct that inherits `like`'s varying-manual-axes type (for shard_map's check_vma).
+
+  jax 0.10 calls that field `manual_axis_type`, older releases `vma`; try both.
+  """
+  aval = jax.typeof(like)
+  for attr in ("manual_axis_type", "vma"):
+    if hasattr(aval, attr):
+      try:
+        return jax.ShapeDtypeStruct(shape, dtype, **{attr: getattr(aval, attr)})
+      except TypeError:
+        pass
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def _kernel(pv_ref, q_ref, k_ref, v_ref, *rest, tq, pk, anchor_len, causal, block_q,
             block_k, scale, n_q_blocks, reverse, has_kvv, precision):
   if has_kvv:
@@ -156,8 +171,8 @@ def apb_attention_portable(q, k, v, passing_valid, kv_valid, *, anchor_len: int,
           pl.BlockSpec((None, block_q, None, d), lambda i, j, bb: (bb, qmap(i), j, 0)),
           pl.BlockSpec((None, None, block_q), lambda i, j, bb: (bb, j, qmap(i))),
       ],
-      out_shape=[jax.ShapeDtypeStruct((b, tq_pad, h, d), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, tq_pad), jnp.float32)],
+      out_shape=[out_struct((b, tq_pad, h, d), q.dtype, q),
+                 out_struct((b, h, tq_pad), jnp.float32, q)],
       interpret=interpret,
       compiler_params=compiler_params,
       name="apb_attention_portable",

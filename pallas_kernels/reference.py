@@ -1,6 +1,7 @@
 """APB attention in plain jnp, float32 accumulation: the oracle for every kernel test."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -22,12 +23,22 @@ def apb_attention_reference(q, k, v, *, anchor_len: int, passing_valid=None, kv_
     q, k, v = q[None], k[None], v[None]
     if kv_valid is not None:
       kv_valid = jnp.asarray(kv_valid)[None]
+  scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  pk = k.shape[1] - q.shape[1]
+  pv = jnp.asarray(pk if passing_valid is None else passing_valid, jnp.int32)
+  o, lse = _reference(q, k, v, pv, kv_valid, anchor_len=anchor_len, causal=causal, scale=scale)
+  if unbatched:
+    return o[0], lse[0]
+  return o, lse
+
+
+@functools.partial(jax.jit, static_argnames=("anchor_len", "causal", "scale"))
+def _reference(q, k, v, passing_valid, kv_valid, *, anchor_len, causal, scale):
   b, tq, h, d = q.shape
   tk, kvh = k.shape[1], k.shape[2]
   g = h // kvh
-  scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
   m = ApbMask(tq, tk, anchor_len, causal)
-  pv = None if passing_valid is None else jnp.clip(jnp.asarray(passing_valid, jnp.int32), 0, m.pk)
+  pv = jnp.clip(passing_valid, 0, m.pk)
   mask = m.dense(pv, kv_valid)  # [Tq, Tk] or [b, Tq, Tk]
   if mask.ndim == 2:
     mask = mask[None]
@@ -45,7 +56,4 @@ def apb_attention_reference(q, k, v, *, anchor_len: int, passing_valid=None, kv_
   l_q = jnp.moveaxis(l[..., 0], -1, 1)[..., None]  # [b, Tq, kvh, g, 1]
   o = jnp.where(l_q > 0, o / jnp.where(l_q > 0, l_q, 1.0), 0.0).reshape(b, tq, h, d)
   lse = jnp.where(l > 0, mx_safe + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
-  lse = lse.reshape(b, h, tq)
-  if unbatched:
-    return o[0], lse[0]
-  return o, lse
+  return o, lse.reshape(b, h, tq)
