@@ -46,11 +46,14 @@ def _is_hopper(dev) -> bool:
   return cc is not None and str(cc).split(".")[0] == "9"
 
 
-def default_backend() -> str:
+def default_backend(dtype=None, head_dim: int | None = None) -> str:
+  """Fastest backend for the default device (and, if given, this dtype and head_dim)."""
   dev = jax.devices()[0]
   if dev.platform != "gpu":
     return "reference"
-  return "mosaic" if _is_hopper(dev) else "triton"
+  mosaic_ok = (dtype is None or jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))) \
+      and (head_dim is None or head_dim in _KERNEL_HEAD_DIMS["mosaic"])
+  return "mosaic" if _is_hopper(dev) and mosaic_ok else "triton"
 
 
 def _validate(q, k, v, anchor_len, passing_valid, kv_valid, backend, block_sizes):
@@ -100,6 +103,9 @@ def _validate(q, k, v, anchor_len, passing_valid, kv_valid, backend, block_sizes
       raise ValueError(f"kv_valid must have shape {want} (one flag per key), got {kvv.shape}")
     if kvv.dtype != jnp.bool_:
       raise ValueError(f"kv_valid must be bool, got {kvv.dtype}")
+  if backend == "mosaic" and jnp.dtype(q.dtype) == jnp.dtype(jnp.float32):
+    raise ValueError("dtype float32 is not supported by backend 'mosaic' (bfloat16, float16); "
+                     "use backend='triton'")
   if backend in _KERNEL_HEAD_DIMS and d not in _KERNEL_HEAD_DIMS[backend]:
     raise ValueError(f"head_dim D={d} is not supported by backend {backend!r}; "
                      f"supported: {_KERNEL_HEAD_DIMS[backend]}")
@@ -133,7 +139,8 @@ def apb_attention(q, k, v, *, anchor_len: int, passing_valid=None, kv_valid=None
   backend: None = auto (mosaic on Hopper, triton on other GPUs, reference on CPU), or
     "mosaic" | "triton" | "interpret" | "reference". block_sizes: a `BlockSizes` or None.
   """
-  backend = default_backend() if backend is None else backend
+  if backend is None:
+    backend = default_backend(getattr(q, "dtype", None), q.shape[-1] if hasattr(q, "shape") else None)
   _validate(q, k, v, anchor_len, passing_valid, kv_valid, backend, block_sizes)
   d = q.shape[-1]
   scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
@@ -151,6 +158,9 @@ def apb_attention(q, k, v, *, anchor_len: int, passing_valid=None, kv_valid=None
   if kv_valid is not None:
     kvv = jnp.asarray(kv_valid)
     kvv = jnp.broadcast_to(kvv, (q.shape[0], k.shape[1]))
+  if backend == "mosaic" and kvv is not None:
+    backend = "triton"  # the Mosaic kernel has no per-key mask input (yet)
+    block_sizes = None
   bs = block_sizes or BlockSizes.get_default(backend, d)
   if backend == "mosaic":
     from pallas_kernels import mosaic_gpu  # lazy: never needed (or importable) on CPU
