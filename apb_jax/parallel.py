@@ -24,13 +24,39 @@ AXIS = "sp"
 
 
 def make_mesh(n: int | None = None, devices=None) -> Mesh:
-    """A 1-D mesh over the first `n` devices (all by default), axis "sp"."""
+    """A 1-D mesh over the first `n` devices (all by default), axis "sp".
+
+    With several processes (jax.distributed) every process must hold the same number of mesh devices: the mesh
+    takes the first n / process_count local devices of each process, in process order.
+    """
+    if devices is None and jax.process_count() > 1:
+        return Mesh(np.array(_per_process_devices(n)), (AXIS,))
     devs = list(jax.devices() if devices is None else devices)
     n = len(devs) if n is None else n
     if not 1 <= n <= len(devs):
         raise ValueError(f"devices={n} but {len(devs)} JAX device(s) are available "
                          f"({devs[0].platform if devs else 'none'}); allowed: 1..{len(devs)}")
     return Mesh(np.array(devs[:n]), (AXIS,))
+
+
+def _per_process_devices(n: int | None) -> list:
+    """n global devices, n / process_count from each process (process-major order), or a ValueError naming the fix."""
+    procs = jax.process_count()
+    by_proc: dict[int, list] = {}
+    for d in jax.devices():
+        by_proc.setdefault(d.process_index, []).append(d)
+    local = min(len(v) for v in by_proc.values())
+    total = len(jax.devices())
+    n = total if n is None else n
+    if n < 1 or n % procs or n // procs > local:
+        allowed = [procs * k for k in range(1, local + 1)]
+        raise ValueError(f"devices={n} does not fit {procs} processes x {local} local "
+                         f"{jax.devices()[0].platform} device(s) ({total} in all): in a multi-process run every "
+                         f"process holds the same number of mesh devices, so devices must be a multiple of the "
+                         f"process count; allowed: {allowed}. Change --devices, or start more processes or more "
+                         f"devices per process (--devices-per-process / --local-device-count)")
+    per = n // procs
+    return [d for p in sorted(by_proc) for d in by_proc[p][:per]]
 
 
 # ----------------------------------------------------------------------------------------------------- layout
@@ -219,6 +245,11 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         if isinstance(x, jax.Array) and x.is_fully_addressable and len(mesh.devices.flat) == len(jax.devices()) \
                 and jax.process_count() == 1:
             return jax.device_put(x, sharding)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # a global array of another mesh
+            if not x.is_fully_replicated:
+                raise ValueError(f"replicate() got an array of shape {x.shape} sharded across processes "
+                                 f"({x.sharding}); pass host data or a replicated array")
+            x = x.addressable_data(0)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
