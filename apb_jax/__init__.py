@@ -32,6 +32,8 @@ def load(path, dtype=None):
 
 
 def __getattr__(name):
+    if name == "distributed":
+        return importlib.import_module("apb_jax.distributed")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'apb_jax' has no attribute {name!r}")

@@ -27,9 +27,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-process runs)")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    from apb_jax.distributed import add_arguments
+
+    add_arguments(p)  # --coordinator/--num-processes/--process-id/--local-device-count/--init-timeout
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,21 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _set_cpu_devices(n: int | None) -> None:
+    """Ask for `n` fake CPU devices; works until the first jax computation starts a backend."""
     if n is None:
         return
-    if "jax" in sys.modules:
-        raise RuntimeError("--cpu-devices must be applied before jax is imported")
     os.environ["JAX_PLATFORMS"] = "cpu"
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    if "jax" in sys.modules:
+        import jax
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            if jax.default_backend() == "cpu" and jax.device_count() >= n:
+                return  # already there (e.g. called from a process that set them up itself)
+            raise RuntimeError(f"--cpu-devices/--devices {n}: jax has already started with {jax.device_count()} "
+                               f"{jax.default_backend()} device(s); run the command in a fresh process")
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", n)
 
 
 def _maybe_distributed(args) -> None:
-    if args.coordinator or args.num_processes or args.process_id is not None:
-        from apb_jax import distributed
+    """Join a multi-process run when flags, `apb-jax launch` or a cluster (SLURM, Open MPI, Kubernetes) say so;
+    a single process otherwise."""
+    from apb_jax import distributed
 
-        distributed.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id, local_device_count=args.cpu_devices)
+    distributed.initialize_from_args(args)
 
 
 def _is_main() -> bool:
