@@ -196,12 +196,20 @@ def apb_attention_mosaic(q, k, v, passing_valid, kv_valid, *, anchor_len: int, c
   span = _COMPUTE_WGS * block_q
   n_q_tiles = cdiv(tq, span)
   tq_pad = n_q_tiles * span
-  tk_pad = pk + cdiv(tq, block_k) * block_k
+  # Mosaic wants the key dimension (and the main segment's start) on a multiple of 8
+  # rows: pad the passing block to pk8 (padded keys sit past passing_valid, so they
+  # are invisible) and the local block to whole key blocks.
+  pk8 = cdiv(pk, 8) * 8
+  tk_pad = pk8 + cdiv(tq, block_k) * block_k
   if tq_pad != tq:
     q = jnp.pad(q, ((0, 0), (0, tq_pad - tq), (0, 0), (0, 0)))
-  if tk_pad != tk:
-    k = jnp.pad(k, ((0, 0), (0, tk_pad - tk), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, tk_pad - tk), (0, 0), (0, 0)))
+  if pk8 != pk:
+    gap = jnp.zeros((b, pk8 - pk) + k.shape[2:], k.dtype)
+    k = jnp.concatenate([k[:, :pk], gap, k[:, pk:]], axis=1)
+    v = jnp.concatenate([v[:, :pk], gap, v[:, pk:]], axis=1)
+  if tk_pad != pk8 + tq:
+    k = jnp.pad(k, ((0, 0), (0, tk_pad - pk8 - tq), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, tk_pad - pk8 - tq), (0, 0), (0, 0)))
   pv = jnp.clip(jnp.asarray(passing_valid, jnp.int32), 0, pk).reshape(1)
   dtype = q.dtype
   swizzle = 128
@@ -220,7 +228,7 @@ def apb_attention_mosaic(q, k, v, passing_valid, kv_valid, *, anchor_len: int, c
       sched=plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
   )
   body = functools.partial(
-      _kernel, tq=tq, pk=pk, anchor_len=anchor_len, causal=causal, scale=sm_scale,
+      _kernel, tq=tq, pk=pk8, anchor_len=anchor_len, causal=causal, scale=sm_scale,
       block_q=block_q, block_k=block_k, num_stages=num_stages, n_q_tiles=n_q_tiles,
       group=h // kvh, dtype=dtype)
   out, lse = plgpu.kernel(

@@ -42,3 +42,29 @@ def test_gpu_backend_matches_reference(case, backend):
 def test_auto_backend_on_gpu():
   from pallas_kernels import default_backend
   assert default_backend() == ("mosaic" if _is_hopper(GPU) else "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_backend_under_shard_map_with_traced_passing_valid(backend):
+  """As the APB strategy calls it: inside shard_map, passing_valid from lax.axis_index."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, PartitionSpec as P
+  from pallas_kernels import apb_attention, apb_attention_reference
+  from test_kernel import rel_err
+  mesh = Mesh(np.array(jax.devices("gpu")[:1]), ("sp",))
+  rng = np.random.default_rng(1)
+  a, l, pk, per_host = 64, 448, 192, 96
+  q = jnp.asarray(rng.standard_normal((1, a + l, 8, 128)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((1, pk + a + l, 2, 128)), jnp.bfloat16)
+  v = jnp.asarray(rng.standard_normal((1, pk + a + l, 2, 128)), jnp.bfloat16)
+
+  def f(q, k, v):
+    pv = (jax.lax.axis_index("sp") + 1) * per_host
+    return apb_attention(q, k, v, anchor_len=a, passing_valid=pv, backend=backend)
+
+  out, lse = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("sp"),) * 3,
+                                   out_specs=(P("sp"), P("sp"))))(q, k, v)
+  ref_o, ref_lse = apb_attention_reference(q, k, v, anchor_len=a, passing_valid=per_host)
+  assert rel_err(out.astype(jnp.float32), ref_o) <= 1e-2
+  assert rel_err(lse, ref_lse) <= 1e-2
