@@ -194,8 +194,46 @@ def main(argv=None):
       err = f"{r['rel_err']:.1e}" if "rel_err" in r else "-"
       print(f"{r['case']:<13}{r['impl']:<16}{r['ms']:>10.2f}{r['tflops']:>10.1f}{err:>12}")
   print(f"wrote {out_path}")
+  try:
+    plot(out_path)
+  except Exception as e:  # noqa: BLE001 - the plot is a convenience
+    print(f"no plot: {type(e).__name__}: {e}")
   return results
 
 
+def plot(json_path):
+  """Bar chart of useful TFLOP/s per case and implementation, next to the JSON (.png)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  json_path = pathlib.Path(json_path)
+  data = json.loads(json_path.read_text())
+  rows = [r for r in data["results"] if "tflops" in r]
+  cases = list(dict.fromkeys(r["case"] for r in rows))
+  impls = list(dict.fromkeys(r["impl"] for r in rows))
+  fig, ax = plt.subplots(figsize=(11, 4.5))
+  w = 0.8 / max(1, len(impls))
+  for i, impl in enumerate(impls):
+    xs, ys = [], []
+    for j, c in enumerate(cases):
+      for r in rows:
+        if r["case"] == c and r["impl"] == impl:
+          xs.append(j + (i - (len(impls) - 1) / 2) * w)
+          ys.append(r["tflops"])
+    ax.bar(xs, ys, w, label=impl)
+  ax.set_xticks(range(len(cases)), cases)
+  ax.set_ylabel("useful TFLOP/s (bf16)")
+  m = data["meta"]
+  ax.set_title(f"APB attention kernels, {m['device']}, jax {m['jax_version']}, {m['date']}")
+  ax.set_ylim(0, 1.18 * max(r["tflops"] for r in rows))
+  ax.legend(ncol=len(impls), fontsize=8, loc="upper center")
+  fig.tight_layout()
+  fig.savefig(json_path.with_suffix(".png"), dpi=110)
+  print(f"wrote {json_path.with_suffix('.png')}")
+
+
 if __name__ == "__main__":
-  main()
+  if len(sys.argv) == 3 and sys.argv[1] == "--plot":
+    plot(sys.argv[2])
+  else:
+    main()
