@@ -158,9 +158,6 @@ def apb_attention(q, k, v, *, anchor_len: int, passing_valid=None, kv_valid=None
   if kv_valid is not None:
     kvv = jnp.asarray(kv_valid)
     kvv = jnp.broadcast_to(kvv, (q.shape[0], k.shape[1]))
-  if backend == "mosaic" and kvv is not None:
-    backend = "triton"  # the Mosaic kernel has no per-key mask input (yet)
-    block_sizes = None
   bs = block_sizes or BlockSizes.get_default(backend, d)
   if backend == "mosaic":
     from pallas_kernels import mosaic_gpu  # lazy: never needed (or importable) on CPU

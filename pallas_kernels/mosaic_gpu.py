@@ -30,9 +30,14 @@ _MASK = -1e30  # finite, so fully masked rows never produce inf - inf
 _COMPUTE_WGS = 2
 
 
-def _kernel(pv_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, q_smem, k_smem, v_smem, lse_smem,
+def _kernel(pv_ref, q_ref, k_ref, v_ref, *refs, q_smem, k_smem, v_smem, lse_smem,
             q_bar, k_bar, v_bar, k_done, v_done, sched, tq, pk, anchor_len, causal, scale,
-            block_q, block_k, num_stages, n_q_tiles, group, dtype):
+            block_q, block_k, num_stages, n_q_tiles, group, dtype, has_kvv):
+  if has_kvv:
+    kvv_ref, o_ref, lse_ref = refs
+  else:
+    kvv_ref = None
+    o_ref, lse_ref = refs
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   hq = lax.axis_index("heads")
@@ -96,13 +101,22 @@ def _kernel(pv_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, q_smem, k_smem, v_sm
       sc = pl.run_scoped(qk, plgpu.ACC((block_q, block_k), jnp.float32))
       plgpu.barrier_arrive(k_done.at[slot])
 
+      def key_mask():
+        # kv_valid of this key block, one flag per column, broadcast over the rows.
+        flags = plgpu.load(kvv_ref.at[bi], (pl.ds(key_start(s), block_k),),
+                           layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+        return lax.broadcast_in_dim(flags, (block_q, block_k), [1]) != 0
+
       if seg == "pass":
         need = jnp.logical_not(all_local) | ((s + 1) * block_k > pv)
 
         def apply_mask():
           keys = s * block_k + iota(1)
           rows = q_base + iota(0)
-          return jnp.where((keys < pv) & (rows >= anchor_len), sc, _MASK)
+          vis = (keys < pv) & (rows >= anchor_len)
+          if has_kvv:
+            vis = vis & key_mask()
+          return jnp.where(vis, sc, _MASK)
       else:
         j0 = (s - n_p) * block_k
         need = j0 + block_k > m_full_keys
@@ -114,9 +128,14 @@ def _kernel(pv_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, q_smem, k_smem, v_sm
             vis = keys <= rows
           else:
             vis = (keys <= rows) | ((rows >= anchor_len) & (keys < tq))
+          if has_kvv:
+            vis = vis & key_mask()
           return jnp.where(vis, sc, _MASK)
 
-      sc = lax.cond(need, apply_mask, lambda: sc)
+      if has_kvv:
+        sc = apply_mask()
+      else:
+        sc = lax.cond(need, apply_mask, lambda: sc)
       m_new = jnp.maximum(m_i, sc.max(axis=1) * c)
       alpha = jnp.exp2(m_i - m_new)
       p = jnp.exp2(sc * c - bcast_rows(m_new, sc.shape))
@@ -184,12 +203,10 @@ def _kernel(pv_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, q_smem, k_smem, v_sm
 def apb_attention_mosaic(q, k, v, passing_valid, kv_valid, *, anchor_len: int, causal: bool,
                          sm_scale: float, block_q: int = 64, block_k: int = 128,
                          num_stages: int = 2):
-  """q [B, Tq, H, D], k/v [B, Tk, KVH, D] (bf16/f16), passing_valid int32 []; kv_valid must be None.
+  """q [B, Tq, H, D], k/v [B, Tk, KVH, D] (bf16/f16), passing_valid int32 [], kv_valid bool [B, Tk] | None.
 
   Returns out [B, Tq, H, D] (q.dtype) and lse [B, H, Tq] float32.
   """
-  if kv_valid is not None:
-    raise NotImplementedError("the Mosaic-GPU kernel takes no kv_valid; the dispatcher uses Triton")
   b, tq, h, d = q.shape
   tk, kvh = k.shape[1], k.shape[2]
   pk = tk - tq
@@ -211,6 +228,13 @@ def apb_attention_mosaic(q, k, v, passing_valid, kv_valid, *, anchor_len: int, c
     k = jnp.pad(k, ((0, 0), (0, tk_pad - pk8 - tq), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, tk_pad - pk8 - tq), (0, 0), (0, 0)))
   pv = jnp.clip(jnp.asarray(passing_valid, jnp.int32), 0, pk).reshape(1)
+  args = [pv, q, k, v]
+  has_kvv = kv_valid is not None
+  if has_kvv:  # same re-layout as k: [passing | gap | anchor | local | pad], padding invalid
+    kvv = kv_valid.astype(jnp.int32)
+    kvv = jnp.concatenate([kvv[:, :pk], jnp.zeros((b, pk8 - pk), jnp.int32), kvv[:, pk:],
+                           jnp.zeros((b, tk_pad - pk8 - tq), jnp.int32)], axis=1)
+    args.append(kvv)
   dtype = q.dtype
   swizzle = 128
   tiling = (8, swizzle // jnp.dtype(dtype).itemsize)
@@ -230,7 +254,7 @@ def apb_attention_mosaic(q, k, v, passing_valid, kv_valid, *, anchor_len: int, c
   body = functools.partial(
       _kernel, tq=tq, pk=pk8, anchor_len=anchor_len, causal=causal, scale=sm_scale,
       block_q=block_q, block_k=block_k, num_stages=num_stages, n_q_tiles=n_q_tiles,
-      group=h // kvh, dtype=dtype)
+      group=h // kvh, dtype=dtype, has_kvv=has_kvv)
   out, lse = plgpu.kernel(
       body,
       out_type=(jax.ShapeDtypeStruct((b, tq_pad, h, d), dtype),
@@ -241,5 +265,5 @@ def apb_attention_mosaic(q, k, v, passing_valid, kv_valid, *, anchor_len: int, c
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(pv, q, k, v)
+  )(*args)
   return out[:, :tq], lse[:, :, :tq]
