@@ -69,7 +69,9 @@ def parse_args(argv=None):
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--out", default=None, help="JSON path (default <out-dir>/prefill_<device>_<date>.json)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--from-json", default=None, help="only redraw the plot and reprint the table of a results JSON")
+    ap.add_argument("--from-json", default=None,
+                    help="comma-separated results JSONs of one device: merge their rows (into --out, else the first "
+                         "file), recompute comparisons and targets, redraw the plot, reprint the table")
     args = ap.parse_args(argv)
     if args.smoke:
         args.model, args.dtype = "tiny", "float32"
@@ -565,12 +567,7 @@ def plot(rows, path, device_name):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        import json
-
-        d = json.loads(Path(args.from_json).read_text())
-        plot(d["rows"], Path(args.from_json).with_suffix(".png"), d["device"]["name"])
-        print_table(d["rows"])
-        return 0
+        return replot(args)
     if args.smoke:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -697,6 +694,34 @@ def main(argv=None) -> int:
     print_table(doc["rows"])
     if args.smoke:
         return check_json(out_path)
+    return 0
+
+
+def replot(args) -> int:
+    import json
+
+    paths = [Path(p) for p in args.from_json.split(",") if p]
+    docs = [json.loads(p.read_text()) for p in paths]
+    d = docs[0]
+    for other in docs[1:]:
+        if other["device"]["name"] != d["device"]["name"]:
+            raise SystemExit(f"{other['device']['name']} != {d['device']['name']}: merge results of one device only")
+        have = {(r["name"], r.get("mode")) for r in d["rows"] if "model_depth" in r or "measured" in r}
+        d["rows"] = [r for r in d["rows"] if not (r.get("skipped") and any(
+            o["name"] == r["name"] and "model_depth" in o for o in other["rows"]))]
+        d["rows"] += [r for r in other["rows"] if (r["name"], r.get("mode")) not in have and not (
+            r.get("skipped") and any(x["name"] == r["name"] for x in d["rows"]))]
+        d.setdefault("merged_from", []).append({"argv": other["argv"], "elapsed_s": other.get("elapsed_s")})
+    gemm = d["gemm_rate_tflops"] * 1e12
+    add_comparisons(d["rows"])
+    breakdown(d["rows"], gemm)
+    d["targets"] = targets(d["rows"], gemm)
+    out = Path(args.out) if args.out else paths[0]
+    from common import write_json
+
+    write_json(out, d)
+    plot(d["rows"], out.with_suffix(".png"), d["device"]["name"])
+    print_table(d["rows"])
     return 0
 
 
