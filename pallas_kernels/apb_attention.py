@@ -18,6 +18,10 @@ import jax.numpy as jnp
 from pallas_kernels.reference import apb_attention_reference
 
 BACKENDS = ("mosaic", "triton", "interpret", "reference")
+# The Mosaic kernel has a kv_valid input, but it is not yet verified on a GPU (the one GPU
+# test run ended with unidentified failures, see NOTES.md): until then calls with kv_valid
+# go to the Triton kernel even when backend="mosaic".
+MOSAIC_KV_VALID = False
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _KERNEL_HEAD_DIMS = {"mosaic": (64, 128), "triton": (32, 64, 128, 256),
                      "interpret": (32, 64, 128, 256)}
@@ -158,6 +162,9 @@ def apb_attention(q, k, v, *, anchor_len: int, passing_valid=None, kv_valid=None
   if kv_valid is not None:
     kvv = jnp.asarray(kv_valid)
     kvv = jnp.broadcast_to(kvv, (q.shape[0], k.shape[1]))
+  if backend == "mosaic" and kvv is not None and not MOSAIC_KV_VALID:
+    backend = "triton"  # see MOSAIC_KV_VALID
+    block_sizes = None
   bs = block_sizes or BlockSizes.get_default(backend, d)
   if backend == "mosaic":
     from pallas_kernels import mosaic_gpu  # lazy: never needed (or importable) on CPU

@@ -118,3 +118,22 @@ class ApbMask:
     pv = self.pk if passing_valid is None else int(passing_valid)
     rows = np.arange(self.tq, dtype=np.int64)
     return int(self.m_end(rows).sum() + np.minimum(self.p_end(rows, pv), self.pk).sum())
+
+
+def pad_passing(k, v, kv_valid, pk: int, multiple: int):
+  """Re-lays keys [passing (pk) | rest] as [passing | zeros | rest] with the passing block
+  padded to a multiple of `multiple` rows; k, v: [B, Tk, KVH, D], kv_valid [B, Tk] | None.
+
+  The gap sits past any passing_valid <= pk, so no row sees it. Returns (k, v, kv_valid, pk_pad).
+  """
+  pk_pad = cdiv(pk, multiple) * multiple
+  if pk_pad == pk:
+    return k, v, kv_valid, pk
+  b = k.shape[0]
+  gap = jnp.zeros((b, pk_pad - pk) + k.shape[2:], k.dtype)
+  k = jnp.concatenate([k[:, :pk], gap, k[:, pk:]], axis=1)
+  v = jnp.concatenate([v[:, :pk], gap, v[:, pk:]], axis=1)
+  if kv_valid is not None:
+    kv_valid = jnp.concatenate([kv_valid[:, :pk], jnp.zeros((b, pk_pad - pk), kv_valid.dtype),
+                                kv_valid[:, pk:]], axis=1)
+  return k, v, kv_valid, pk_pad

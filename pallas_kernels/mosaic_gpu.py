@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mask import cdiv
+from pallas_kernels.mask import cdiv, pad_passing
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -213,28 +213,23 @@ def apb_attention_mosaic(q, k, v, passing_valid, kv_valid, *, anchor_len: int, c
   span = _COMPUTE_WGS * block_q
   n_q_tiles = cdiv(tq, span)
   tq_pad = n_q_tiles * span
-  # Mosaic wants the key dimension (and the main segment's start) on a multiple of 8
-  # rows: pad the passing block to pk8 (padded keys sit past passing_valid, so they
-  # are invisible) and the local block to whole key blocks.
-  pk8 = cdiv(pk, 8) * 8
-  tk_pad = pk8 + cdiv(tq, block_k) * block_k
+  # Re-lay the keys so that every TMA start is a multiple of block_k, as in the shapes
+  # verified on the H200: pad the passing block to whole key blocks (the gap sits past
+  # passing_valid, so it is never visible and never loaded) and the local block too.
+  # (With the passing block unpadded, Mosaic's layout inference asserted on key lengths
+  # that are not multiples of 8.)
+  k, v, kv_valid, pk_pad = pad_passing(k, v, kv_valid, pk, block_k)
+  tk_pad = pk_pad + cdiv(tq, block_k) * block_k
   if tq_pad != tq:
     q = jnp.pad(q, ((0, 0), (0, tq_pad - tq), (0, 0), (0, 0)))
-  if pk8 != pk:
-    gap = jnp.zeros((b, pk8 - pk) + k.shape[2:], k.dtype)
-    k = jnp.concatenate([k[:, :pk], gap, k[:, pk:]], axis=1)
-    v = jnp.concatenate([v[:, :pk], gap, v[:, pk:]], axis=1)
-  if tk_pad != pk8 + tq:
-    k = jnp.pad(k, ((0, 0), (0, tk_pad - pk8 - tq), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, tk_pad - pk8 - tq), (0, 0), (0, 0)))
+  if tk_pad != pk_pad + tq:
+    k = jnp.pad(k, ((0, 0), (0, tk_pad - pk_pad - tq), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, tk_pad - pk_pad - tq), (0, 0), (0, 0)))
   pv = jnp.clip(jnp.asarray(passing_valid, jnp.int32), 0, pk).reshape(1)
   args = [pv, q, k, v]
   has_kvv = kv_valid is not None
-  if has_kvv:  # same re-layout as k: [passing | gap | anchor | local | pad], padding invalid
-    kvv = kv_valid.astype(jnp.int32)
-    kvv = jnp.concatenate([kvv[:, :pk], jnp.zeros((b, pk8 - pk), jnp.int32), kvv[:, pk:],
-                           jnp.zeros((b, tk_pad - pk8 - tq), jnp.int32)], axis=1)
-    args.append(kvv)
+  if has_kvv:  # padded keys are invalid
+    args.append(jnp.pad(kv_valid.astype(jnp.int32), ((0, 0), (0, tk_pad - pk_pad - tq))))
   dtype = q.dtype
   swizzle = 128
   tiling = (8, swizzle // jnp.dtype(dtype).itemsize)
@@ -252,7 +247,7 @@ def apb_attention_mosaic(q, k, v, passing_valid, kv_valid, *, anchor_len: int, c
       sched=plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
   )
   body = functools.partial(
-      _kernel, tq=tq, pk=pk8, anchor_len=anchor_len, causal=causal, scale=sm_scale,
+      _kernel, tq=tq, pk=pk_pad, anchor_len=anchor_len, causal=causal, scale=sm_scale,
       block_q=block_q, block_k=block_k, num_stages=num_stages, n_q_tiles=n_q_tiles,
       group=h // kvh, dtype=dtype, has_kvv=has_kvv)
   out, lse = plgpu.kernel(

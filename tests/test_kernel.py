@@ -298,3 +298,26 @@ def test_bad_inputs_raise_value_error(name):
   args, msg = BAD[name]
   with pytest.raises(ValueError, match=msg):
     apb_attention(**args)
+
+
+@pytest.mark.parametrize("pk,multiple", [(0, 128), (70, 8), (70, 128), (129, 64), (128, 128)])
+def test_pad_passing_keeps_the_function(pk, multiple):
+  """The Mosaic wrapper's re-layout [passing | gap | rest] is invisible to every row."""
+  from pallas_kernels.mask import pad_passing
+  rng = np.random.default_rng(pk + multiple)
+  a, l, h, kvh, d = 11, 37, 4, 2, 64
+  tq = a + l
+  q = jnp.asarray(rng.standard_normal((2, tq, h, d)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((2, pk + tq, kvh, d)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((2, pk + tq, kvh, d)), jnp.float32)
+  kvv = jnp.asarray(rng.random((2, pk + tq)) < 0.9)
+  pv = pk * 2 // 3
+  k2, v2, kvv2, pk_pad = pad_passing(k, v, kvv, pk, multiple)
+  assert pk_pad % multiple == 0 and k2.shape[1] == pk_pad + tq
+  for causal in (True, False):
+    want = apb_attention_reference(q, k, v, anchor_len=a, passing_valid=pv, kv_valid=kvv,
+                                   causal=causal)
+    got = apb_attention_reference(q, k2, v2, anchor_len=a, passing_valid=pv, kv_valid=kvv2,
+                                  causal=causal)
+    for w, g in zip(want, got):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)

@@ -1,7 +1,11 @@
 """The CPU kernel cases on the real backends (Pallas-Triton, and Mosaic-GPU on Hopper).
 
 Skipped without a GPU. Run on a GPU machine with
-  APB_TEST_GPU=1 python -m pytest tests/gpu/test_kernel_gpu.py -q
+  APB_TEST_GPU=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    python -m pytest tests/gpu/test_kernel_gpu.py -v -n 12 -p no:cacheprovider
+(-v so every result line names its test even if a time limit cuts the run short).
+APB_TEST_MOSAIC_KV=1 also runs the Mosaic kernel's own kv_valid path, which the dispatcher
+does not use yet (pallas_kernels.apb_attention.MOSAIC_KV_VALID).
 (the conftest then leaves JAX_PLATFORMS alone). f32 runs on Triton with IEEE dots, so the
 CPU tolerances hold; Mosaic-GPU takes bf16/f16 only, so its f32 cases are skipped.
 """
@@ -68,3 +72,14 @@ def test_gpu_backend_under_shard_map_with_traced_passing_valid(backend):
   ref_o, ref_lse = apb_attention_reference(q, k, v, anchor_len=a, passing_valid=per_host)
   assert rel_err(out.astype(jnp.float32), ref_o) <= 1e-2
   assert rel_err(lse, ref_lse) <= 1e-2
+
+
+@pytest.mark.skipif(not os.environ.get("APB_TEST_MOSAIC_KV") or "mosaic" not in BACKENDS,
+                    reason="set APB_TEST_MOSAIC_KV=1 on a Hopper GPU")
+@pytest.mark.parametrize("case", [c for c in CASES if c.kv_valid != "none" and c.dtype != "float32"],
+                         ids=lambda c: c.id)
+def test_mosaic_kv_valid_path(case, monkeypatch):
+  import importlib
+  dispatch = importlib.import_module("pallas_kernels.apb_attention")  # the module, not the function
+  monkeypatch.setattr(dispatch, "MOSAIC_KV_VALID", True)
+  check_case(case, "mosaic")
