@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +19,9 @@ import jax.numpy as jnp
 from pallas_kernels.reference import apb_attention_reference
 
 BACKENDS = ("mosaic", "triton", "interpret", "reference")
-# The Mosaic kernel has a kv_valid input, but it is not yet verified on a GPU (the one GPU
-# test run ended with unidentified failures, see NOTES.md): until then calls with kv_valid
-# go to the Triton kernel even when backend="mosaic".
-MOSAIC_KV_VALID = False
+# The Mosaic kernel's kv_valid path passed every GPU case (H200, NOTES.md run 3), so calls
+# with kv_valid stay on Mosaic; APB_MOSAIC_KV_VALID=0 sends them to Triton instead.
+MOSAIC_KV_VALID = os.environ.get("APB_MOSAIC_KV_VALID", "1") == "1"
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _KERNEL_HEAD_DIMS = {"mosaic": (64, 128), "triton": (32, 64, 128, 256),
                      "interpret": (32, 64, 128, 256)}
@@ -165,6 +165,11 @@ def apb_attention(q, k, v, *, anchor_len: int, passing_valid=None, kv_valid=None
   if backend == "mosaic" and kvv is not None and not MOSAIC_KV_VALID:
     backend = "triton"  # see MOSAIC_KV_VALID
     block_sizes = None
+  if (backend == "mosaic" and kvv is None and MOSAIC_KV_VALID and d != 128 and anchor_len > 0
+      and pk > 0):
+    # d=64 with both an anchor and a passing block gave NaN on the H200 on the path without
+    # kv_valid (NOTES.md run 3); the kv_valid path, which masks every block, passed those cases.
+    kvv = jnp.ones((q.shape[0], k.shape[1]), jnp.bool_)
   bs = block_sizes or BlockSizes.get_default(backend, d)
   if backend == "mosaic":
     from pallas_kernels import mosaic_gpu  # lazy: never needed (or importable) on CPU

@@ -4,8 +4,8 @@ Skipped without a GPU. Run on a GPU machine with
   APB_TEST_GPU=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
     python -m pytest tests/gpu/test_kernel_gpu.py -v -n 12 -p no:cacheprovider
 (-v so every result line names its test even if a time limit cuts the run short).
-APB_TEST_MOSAIC_KV=1 also runs the Mosaic kernel's own kv_valid path, which the dispatcher
-does not use yet (pallas_kernels.apb_attention.MOSAIC_KV_VALID).
+APB_TEST_MOSAIC_KV=1 also runs the Mosaic kernel's kv_valid path on its own (the dispatcher
+uses it by default: pallas_kernels.apb_attention.MOSAIC_KV_VALID).
 (the conftest then leaves JAX_PLATFORMS alone). f32 runs on Triton with IEEE dots, so the
 CPU tolerances hold; Mosaic-GPU takes bf16/f16 only, so its f32 cases are skipped.
 """
