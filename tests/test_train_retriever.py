@@ -69,7 +69,7 @@ def test_train_step_learns_a_fixed_batch():
     graphdef, params = tr.build(cfg)
     opt = tr.make_optimizer(cfg)
     state = opt.init(params)
-    step = tr.make_train_step(graphdef, opt)
+    step = tr.make_train_step(graphdef, opt, first_token_weight=3.0)
     b = tr.sample_batch(np.random.default_rng(0), "passkey", 128, 4)
     tok, mask = jnp.asarray(b.tokens), jnp.asarray(b.loss_mask)
     losses = []
@@ -79,6 +79,13 @@ def test_train_step_learns_a_fixed_batch():
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.5 * losses[0], losses
     assert float(stats[2]) == b.loss_mask[:, 1:].sum()  # every answer token counted once
+    assert float(stats[5]) == 4  # one passkey answer per row: four first tokens
+
+
+def test_first_answer_tokens_marks_the_start_of_each_answer():
+    mask = np.array([[0, 0, 1, 1, 0, 1, 1, 1], [1, 1, 0, 0, 0, 0, 1, 0]], np.float32)
+    got = np.asarray(tr.first_answer_tokens(mask))
+    np.testing.assert_array_equal(got, [[0, 1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 1, 0]])
 
 
 def test_train_export_load_and_resume(tmp_path):

@@ -69,6 +69,7 @@ class TrainConfig:
     replay: float = 0.3
     max_needles: int = 8
     max_hops: int = 4
+    first_token_weight: float = 1.0  # loss weight of each answer's first token (the one that needs the lookup)
     task_mix: str = "passkey:1,multikey_niah:2,variable_tracking:2"
     seed: int = 0
     compute_dtype: str = "bfloat16"
@@ -92,6 +93,7 @@ class TrainConfig:
              f"need 1 <= min_stage_steps ({self.min_stage_steps}) <= max_stage_steps ({self.max_stage_steps})")
         need(0 <= self.replay < 1, f"replay={self.replay} must be in [0, 1)")
         need(self.max_needles >= 1, f"max_needles={self.max_needles} must be >= 1")
+        need(self.first_token_weight > 0, f"first_token_weight={self.first_token_weight} must be > 0")
         need(self.compute_dtype in ("bfloat16", "float32"),
              f"compute_dtype={self.compute_dtype!r} must be 'bfloat16' or 'float32'")
         parse_mix(self.task_mix)
@@ -280,23 +282,35 @@ def make_optimizer(cfg: TrainConfig):
                        optax.add_decayed_weights(cfg.weight_decay))
 
 
-def make_train_step(graphdef, optimizer):
+def first_answer_tokens(mask):
+    """[B, T] mask -> [B, T - 1] float: 1 where target t + 1 is the first token of an answer."""
+    import jax.numpy as jnp
+
+    prev = jnp.pad(mask, ((0, 0), (1, 0)))[:, :-1]
+    return (mask * (1.0 - prev))[:, 1:]
+
+
+def make_train_step(graphdef, optimizer, first_token_weight: float = 1.0):
+    """jit step(params, opt_state, tokens, mask, lr) -> (params, opt_state, [loss, hits, count, gnorm, first_hits,
+    first_count]); the loss weighs each answer's first token by `first_token_weight` (hits/counts are unweighted)."""
     import jax
     import jax.numpy as jnp
     import optax
 
     def loss_fn(params, tokens, mask):
         ce, hits, m = _masked_stats(_forward_logits(graphdef, params, tokens), tokens, mask)
-        count = jnp.maximum(m.sum(), 1.0)
-        return ce.sum() / count, (hits.sum(), m.sum())
+        first = first_answer_tokens(mask)
+        w = m + (first_token_weight - 1.0) * first
+        loss = (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
+        return loss, (hits.sum(), m.sum(), (hits * first).sum(), first.sum())
 
     @jax.jit
     def step(params, opt_state, tokens, mask, lr):
-        (loss, (hits, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, mask)
+        (loss, (hits, count, fh, fc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, mask)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         updates = jax.tree.map(lambda u: -lr * u, updates)
         gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        return optax.apply_updates(params, updates), opt_state, jnp.stack([loss, hits, count, gnorm])
+        return optax.apply_updates(params, updates), opt_state, jnp.stack([loss, hits, count, gnorm, fh, fc])
 
     return step
 
@@ -441,7 +455,7 @@ def train(cfg: TrainConfig, *, steps: int | None = None, time_budget_s: float | 
         start_step = int(meta["step"])
         cur.load_state(meta["curriculum"])
         records = meta.get("records", [])
-    step_fn = make_train_step(graphdef, optimizer)
+    step_fn = make_train_step(graphdef, optimizer, cfg.first_token_weight)
     feed = Batches(cfg, cur, workers, depth=2 * max(workers, 1), seed=cfg.seed + 7919 * start_step)
     pending: list = []
     t0 = time.perf_counter()
@@ -453,16 +467,18 @@ def train(cfg: TrainConfig, *, steps: int | None = None, time_budget_s: float | 
 
     def flush():
         for s, info, stats in pending:
-            loss, hits, count, gnorm = (float(x) for x in np.asarray(stats))
+            loss, hits, count, gnorm, fh, fc = (float(x) for x in np.asarray(stats))
             cur.observe(info["length"], hits, count, s)
             records.append({"step": s, "length": info["length"], "batch": info["batch"], "replay": info["replay"],
                             "needles": info["needles"], "loss": round(loss, 5),
-                            "acc": round(hits / max(count, 1.0), 5), "gnorm": round(gnorm, 4),
+                            "acc": round(hits / max(count, 1.0), 5), "first_acc": round(fh / max(fc, 1.0), 5),
+                            "gnorm": round(gnorm, 4),
                             "lr": info["lr"], "time_s": round(info["t"], 2)})
         pending.clear()
         if records:
             r = records[-1]
             bar.set_postfix(len=cur.length, loss=f"{r['loss']:.3f}", acc=f"{r['acc']:.3f}",
+                            first=f"{r['first_acc']:.3f}",
                             ema=f"{cur.ema:.3f}" if cur.ema is not None else "-")
 
     try:
