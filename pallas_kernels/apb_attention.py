@@ -4,7 +4,8 @@
   "mosaic"    Pallas Mosaic-GPU kernel for Hopper (TMA, wgmma, warp specialisation)
   "triton"    the portable Pallas kernel lowered through Pallas-Triton (any CUDA GPU)
   "interpret" the same portable kernel with interpret=True (CPU; slow, for tests)
-  "reference" plain jnp (pallas_kernels.reference), float32, cast to q.dtype
+  "xla"       plain XLA ops, blocked flash-style (pallas_kernels.xla_blocked): the CPU default
+  "reference" plain jnp (pallas_kernels.reference), dense, float32, cast to q.dtype: the oracle
 The mask is described in `pallas_kernels.mask`.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.reference import apb_attention_reference
 
-BACKENDS = ("mosaic", "triton", "interpret", "reference")
+BACKENDS = ("mosaic", "triton", "interpret", "xla", "reference")
 # The Mosaic kernel's kv_valid path passed every GPU case (H200, NOTES.md run 3), so calls
 # with kv_valid stay on Mosaic; APB_MOSAIC_KV_VALID=0 sends them to Triton instead.
 MOSAIC_KV_VALID = os.environ.get("APB_MOSAIC_KV_VALID", "1") == "1"
@@ -42,6 +43,8 @@ class BlockSizes:
     if backend == "triton":
       return cls(block_q=128, block_k=64 if head_dim > 64 else 128, num_warps=8 if head_dim > 64 else 4,
                  num_stages=3 if head_dim <= 128 else 2)
+    if backend == "xla":
+      return cls(block_q=512, block_k=512)
     return cls(block_q=32, block_k=32)
 
 
@@ -54,7 +57,7 @@ def default_backend(dtype=None, head_dim: int | None = None) -> str:
   """Fastest backend for the default device (and, if given, this dtype and head_dim)."""
   dev = jax.devices()[0]
   if dev.platform != "gpu":
-    return "reference"
+    return "xla"
   mosaic_ok = (dtype is None or jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))) \
       and (head_dim is None or head_dim in _KERNEL_HEAD_DIMS["mosaic"])
   return "mosaic" if _is_hopper(dev) and mosaic_ok else "triton"
@@ -118,6 +121,8 @@ def _validate(q, k, v, anchor_len, passing_valid, kv_valid, backend, block_sizes
       x = getattr(block_sizes, name)
       if x < 16 or x & (x - 1):
         raise ValueError(f"{name}={x} must be a power of two >= 16 for backend {backend!r}")
+  if block_sizes is not None and backend == "xla" and min(block_sizes.block_q, block_sizes.block_k) < 1:
+    raise ValueError(f"block_q={block_sizes.block_q} and block_k={block_sizes.block_k} must be >= 1")
   if block_sizes is not None and backend == "mosaic":
     if block_sizes.block_q % 64 or block_sizes.block_k % 64:
       raise ValueError(f"block_q={block_sizes.block_q} and block_k={block_sizes.block_k} "
@@ -140,8 +145,8 @@ def apb_attention(q, k, v, *, anchor_len: int, passing_valid=None, kv_valid=None
   GQA: H % KVH == 0, query head j uses kv head j // (H // KVH); K/V are never repeated.
   Returns out [.., Tq, H, D] in q.dtype and lse [.., H, Tq] float32 (natural log); a row with
   no visible key gives out 0 and lse -inf.
-  backend: None = auto (mosaic on Hopper, triton on other GPUs, reference on CPU), or
-    "mosaic" | "triton" | "interpret" | "reference". block_sizes: a `BlockSizes` or None.
+  backend: None = auto (mosaic on Hopper, triton on other GPUs, xla elsewhere), or
+    "mosaic" | "triton" | "interpret" | "xla" | "reference". block_sizes: a `BlockSizes` or None.
   """
   if backend is None:
     backend = default_backend(getattr(q, "dtype", None), q.shape[-1] if hasattr(q, "shape") else None)
@@ -152,6 +157,16 @@ def apb_attention(q, k, v, *, anchor_len: int, passing_valid=None, kv_valid=None
     out, lse = apb_attention_reference(q, k, v, anchor_len=anchor_len, passing_valid=passing_valid,
                                        kv_valid=kv_valid, causal=causal, sm_scale=scale)
     return out.astype(q.dtype), lse
+  if backend == "xla":
+    from pallas_kernels.xla_blocked import apb_attention_xla
+    bs = block_sizes or BlockSizes.get_default(backend, d)
+    batched = q.ndim == 4
+    qb, kb, vb = (q, k, v) if batched else (q[None], k[None], v[None])
+    kvv = None if kv_valid is None else jnp.broadcast_to(jnp.asarray(kv_valid), (qb.shape[0], kb.shape[1]))
+    pv = kb.shape[1] - qb.shape[1] if passing_valid is None else passing_valid
+    out, lse = apb_attention_xla(qb, kb, vb, jnp.asarray(pv, jnp.int32), kvv, anchor_len=anchor_len,
+                                 causal=causal, sm_scale=scale, block_q=bs.block_q, block_k=bs.block_k)
+    return (out, lse) if batched else (out[0], lse[0])
 
   unbatched = q.ndim == 3
   if unbatched:
@@ -165,11 +180,11 @@ def apb_attention(q, k, v, *, anchor_len: int, passing_valid=None, kv_valid=None
   if backend == "mosaic" and kvv is not None and not MOSAIC_KV_VALID:
     backend = "triton"  # see MOSAIC_KV_VALID
     block_sizes = None
-  if (backend == "mosaic" and kvv is None and MOSAIC_KV_VALID and d != 128 and anchor_len > 0
-      and pk > 0):
-    # d=64 with both an anchor and a passing block gave NaN on the H200 on the path without
-    # kv_valid (NOTES.md run 3); the kv_valid path, which masks every block, passed those cases.
-    kvv = jnp.ones((q.shape[0], k.shape[1]), jnp.bool_)
+  if backend == "mosaic" and d != 128 and anchor_len > 0 and pk > 0:
+    # d=64 with both an anchor and a passing block gives NaN on the H200 (NOTES.md runs 3-4);
+    # Triton passed the same cases.
+    backend = "triton"
+    block_sizes = None
   bs = block_sizes or BlockSizes.get_default(backend, d)
   if backend == "mosaic":
     from pallas_kernels import mosaic_gpu  # lazy: never needed (or importable) on CPU

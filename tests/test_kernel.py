@@ -150,6 +150,17 @@ def test_interpret_matches_reference(case):
   check_case(case, "interpret", BlockSizes(*case.block))
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_xla_matches_reference(case):
+  """The blocked plain-XLA backend (the CPU default), with the case's small blocks so every path runs."""
+  check_case(case, "xla", BlockSizes(*case.block))
+
+
+def test_cpu_default_is_xla():
+  from pallas_kernels import default_backend
+  assert jax.default_backend() != "cpu" or default_backend() == "xla"
+
+
 @pytest.mark.parametrize("dtype,heads,kv_heads", [("float32", 4, 1), ("bfloat16", 8, 8)])
 def test_plain_causal_equals_dot_product_attention(dtype, heads, kv_heads):
   """anchor_len=0, Pk=0 is ordinary causal attention."""
@@ -168,14 +179,14 @@ def test_plain_causal_equals_dot_product_attention(dtype, heads, kv_heads):
   s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
   want_lse = jax.nn.logsumexp(s, axis=-1)
   tol = TOL[dt]
-  for backend, bs in (("reference", None), ("interpret", BlockSizes(16, 32))):
+  for backend, bs in (("reference", None), ("interpret", BlockSizes(16, 32)), ("xla", BlockSizes(16, 32))):
     out, lse = apb_attention(q, k, v, anchor_len=0, backend=backend, block_sizes=bs)
     assert out.dtype == dt
     assert rel_err(out.astype(jnp.float32), want) <= tol
     assert rel_err(lse, want_lse) <= tol
 
 
-@pytest.mark.parametrize("backend", ["reference", "interpret"])
+@pytest.mark.parametrize("backend", ["reference", "interpret", "xla"])
 def test_fully_masked_rows_give_zero_and_neg_inf(backend):
   rng = np.random.default_rng(3)
   a, l, p, h, d = 9, 21, 13, 4, 64
@@ -183,7 +194,7 @@ def test_fully_masked_rows_give_zero_and_neg_inf(backend):
   q = jnp.asarray(rng.standard_normal((tq, h, d)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((tk, 2, d)), jnp.float32)
   v = jnp.asarray(rng.standard_normal((tk, 2, d)), jnp.float32)
-  bs = BlockSizes(16, 16) if backend == "interpret" else None
+  bs = BlockSizes(16, 16) if backend in ("interpret", "xla") else None
   # Every key masked: every row is dead.
   out, lse = apb_attention(q, k, v, anchor_len=a, kv_valid=jnp.zeros((tk,), bool),
                            backend=backend, block_sizes=bs)
@@ -210,15 +221,15 @@ def test_traced_passing_valid_under_jit_and_shard_map():
 
   def per_device(backend):
     # jax's Pallas interpreter does not track varying manual axes, so the interpret
-    # backend needs check_vma=False; the reference (the CPU default) runs with the check on.
+    # backend needs check_vma=False; the reference and xla (the CPU default) run with the check on.
     def f(q, k, v):
       pv = jax.lax.axis_index("sp") * per_host
       o, lse = apb_attention(q, k, v, anchor_len=a, passing_valid=pv, backend=backend,
-                             block_sizes=BlockSizes(16, 16) if backend == "interpret" else None)
+                             block_sizes=BlockSizes(16, 16) if backend in ("interpret", "xla") else None)
       return o, lse
     return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("sp"),) * 3,
                                  out_specs=(P("sp"), P("sp")),
-                                 check_vma=backend == "reference"))
+                                 check_vma=backend != "interpret"))
 
   got_o, got_lse = per_device("interpret")(q, k, v)
   for hst in range(n):
@@ -228,6 +239,8 @@ def test_traced_passing_valid_under_jit_and_shard_map():
     assert rel_err(got_lse[hst], ref_lse) <= 1e-5
   ref_o2, _ = per_device("reference")(q, k, v)
   assert rel_err(ref_o2, got_o) <= 1e-5
+  xla_o, xla_lse = per_device("xla")(q, k, v)  # traced passing_valid -> traced trip count of its passing loop
+  assert rel_err(xla_o, got_o) <= 1e-5 and rel_err(xla_lse, got_lse) <= 1e-5
 
 
 def test_block_table_agrees_with_dense_mask():
