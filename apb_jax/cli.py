@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(g)
 
     d = sub.add_parser("demo", help="passkey retrieval on the embedded default model: full vs APB on 4 CPU devices")
-    d.add_argument("--length", type=int, default=4096, help="document length in tokens")
+    d.add_argument("--length", type=int, default=16384, help="document length in tokens")
     d.add_argument("--devices", type=int, default=4)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     d.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="prefill benchmark (benchmarks/prefill_bench.py); remaining args pass through")
@@ -145,7 +146,7 @@ def cmd_demo(args) -> int:
     _set_cpu_devices(args.devices)
     from apb_jax.demo import run_demo
 
-    return run_demo(length=args.length, devices=args.devices, seed=args.seed, as_json=args.json)
+    return run_demo(length=args.length, devices=args.devices, seed=args.seed, as_json=args.json, dtype=args.dtype)
 
 
 def cmd_bench(args) -> int:
