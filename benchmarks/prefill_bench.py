@@ -155,7 +155,7 @@ def pick_backend(requested: str):
     if requested != "auto":
         return requested
     if jax.default_backend() != "gpu":
-        return None  # pallas_kernels' default off GPU (the jnp reference)
+        return None  # pallas_kernels' default off GPU (the blocked plain-XLA backend)
     try:
         has_mosaic = importlib.util.find_spec("pallas_kernels.mosaic_gpu") is not None
     except ImportError:
