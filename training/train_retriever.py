@@ -25,7 +25,6 @@ import argparse
 import concurrent.futures as cf
 import dataclasses
 import json
-import math
 import multiprocessing as mp
 import os
 import sys
@@ -574,7 +573,7 @@ def plot_history(history: dict, evals: dict | None, path: str | Path) -> Path | 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="HF directory to export to (e.g. apb_jax/assets/retriever)")
-    ap.add_argument("--log", default=None, help="history JSON (default <out>/../train_log.json or ./train_log.json)")
+    ap.add_argument("--log", default=None, help="history JSON, a PNG beside it (default training/results/train_log_<date>.json)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--time-budget-s", type=float, default=None)
     ap.add_argument("--workers", type=int, default=None, help="batch-building processes (default: cores - 2, max 8)")
@@ -613,8 +612,7 @@ def main(argv=None) -> int:
     record = {"config": dataclasses.asdict(cfg), "params": n_params, "device": jax.devices()[0].device_kind,
               "jax_version": jax.__version__, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:] if argv is None
               else list(argv), "eval": evals, "eval_seconds": round(time.perf_counter() - t0, 1), **history}
-    log = Path(args.log) if args.log else (Path(args.out).parent / "train_log.json" if args.out else
-                                           Path("train_log.json"))
+    log = Path(args.log) if args.log else ROOT / "training" / "results" / f"train_log_{time.strftime('%Y-%m-%d')}.json"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(json.dumps(record))
     png = plot_history(history, evals, log.with_suffix(".png"))
