@@ -1,21 +1,14 @@
 """`benchmarks/accuracy_bench.py --smoke` on the 4 fake CPU devices (conftest): valid JSON, ring answers exactly as
 full does, a printed table; --from-json merges runs; the random stand-in is refused without --allow-random."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["accuracy_bench"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/accuracy_bench.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,13 @@
 """`benchmarks/prefill_bench.py --smoke`: the same benchmark code on the tiny config over the 4 fake CPU devices
 (conftest) writes valid JSON with every strategy measured, replayed and run for real, projections labelled."""
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("prefill_bench", ROOT / "benchmarks" / "prefill_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["prefill_bench"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/prefill_bench.py")
 
 
 def test_smoke_writes_valid_json(tmp_path, capsys):

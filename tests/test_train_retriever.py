@@ -1,24 +1,15 @@
 """training/train_retriever.py: the curriculum, the train step (it learns), export (transformers reads the same
 model), checkpoint resume, evaluation and argument errors, on a tiny model on the CPU."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def _load():
-    if "train_retriever" in sys.modules:
-        return sys.modules["train_retriever"]
-    spec = importlib.util.spec_from_file_location("train_retriever", ROOT / "training" / "train_retriever.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["train_retriever"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("training/train_retriever.py")
 
 
 tr = _load()
