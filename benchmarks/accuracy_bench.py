@@ -581,8 +581,7 @@ def merge(args) -> int:
     """--from-json: one table / JSON / plot from several runs (later files fill what earlier ones lack)."""
     import common
 
-    paths = [Path(p) for p in args.from_json.split(",") if p]
-    docs = [json.loads(p.read_text()) for p in paths]
+    paths, docs = common.read_jsons(args.from_json)
     merged: dict = {}
     for d in docs:
         for c in d["cells"]:

@@ -88,6 +88,12 @@ def today() -> str:
     return datetime.date.today().isoformat()
 
 
+def read_jsons(spec: str) -> tuple[list[Path], list[dict]]:
+    """`--from-json a.json,b.json` -> (paths, parsed documents), in order."""
+    paths = [Path(p) for p in spec.split(",") if p]
+    return paths, [json.loads(p.read_text()) for p in paths]
+
+
 def write_json(path: str | os.PathLike, doc: Any) -> None:
     """Write atomically (a killed run leaves the previous complete file)."""
     path = Path(path)

@@ -698,10 +698,9 @@ def main(argv=None) -> int:
 
 
 def replot(args) -> int:
-    import json
+    import common
 
-    paths = [Path(p) for p in args.from_json.split(",") if p]
-    docs = [json.loads(p.read_text()) for p in paths]
+    paths, docs = common.read_jsons(args.from_json)
     d = docs[0]
     for other in docs[1:]:
         if other["device"]["name"] != d["device"]["name"]:
