@@ -122,29 +122,29 @@ def launch(argv: Sequence[str], processes: int, devices_per_process: int = 1, ti
                 logs.append(log)
             procs.append(p)
         deadline = time.monotonic() + timeout_s
+
+        def shut_down(message: str, only_failed: bool) -> None:
+            _stop(procs)
+            if forwarder is not None:
+                forwarder.join(timeout=5)
+            _say(out, f"apb-jax launch: {message}")
+            _show_logs(out, procs, logs, only_failed=only_failed)
+
         while True:
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 i, c = failed[0]
                 rc = 128 - c if c < 0 else c
-                _stop(procs)
-                if forwarder is not None:
-                    forwarder.join(timeout=5)
-                _say(out, f"apb-jax launch: process {i} of {processes} failed ({_describe_code(c)}); stopped the "
-                          f"others")
-                _show_logs(out, procs, logs, only_failed=True)
+                shut_down(f"process {i} of {processes} failed ({_describe_code(c)}); stopped the others",
+                          only_failed=True)
                 break
             if all(c == 0 for c in codes):
                 break
             if time.monotonic() > deadline:
-                _stop(procs)
-                if forwarder is not None:
-                    forwarder.join(timeout=5)
-                _say(out, f"apb-jax launch: stopped all {processes} processes after the time limit of {timeout_s:g} s "
-                          f"(--timeout)")
-                _show_logs(out, procs, logs, only_failed=False)
                 rc = 124
+                shut_down(f"stopped all {processes} processes after the time limit of {timeout_s:g} s (--timeout)",
+                          only_failed=False)
                 break
             time.sleep(0.05)
     except KeyboardInterrupt:

@@ -173,22 +173,17 @@ def _grandchildren(tmp_path, n):
     return [int((tmp_path / f"pid{i}").read_text()) for i in range(n) if (tmp_path / f"pid{i}").exists()]
 
 
-def test_launch_stops_everyone_when_one_fails(tmp_path):
+@pytest.mark.parametrize("exit_code, timeout_s, rc_want, message", [
+    ("7", 60, 7, "process 1 of 2 failed (exit code 7)"),  # one fails: everyone stops
+    ("0", 3, 124, "time limit of 3 s"),                    # nobody ends: the time limit stops all
+], ids=["one-fails", "time-limit"])
+def test_launch_stops_every_process(tmp_path, exit_code, timeout_s, rc_want, message):
     buf = io.StringIO()
     t0 = time.perf_counter()
-    rc = launch(["-c", _SLEEPER, str(tmp_path), "7"], processes=2, devices_per_process=1, timeout_s=60, out=buf)
-    assert rc == 7 and time.perf_counter() - t0 < 20, (rc, buf.getvalue())
-    assert "process 1 of 2 failed (exit code 7)" in buf.getvalue()
-    pids = _grandchildren(tmp_path, 2)
-    assert len(pids) == 2 and all(_gone(p) for p in pids), pids
-
-
-def test_launch_time_limit(tmp_path):
-    buf = io.StringIO()
-    t0 = time.perf_counter()
-    rc = launch(["-c", _SLEEPER, str(tmp_path), "0"], processes=2, devices_per_process=1, timeout_s=3, out=buf)
-    assert rc == 124 and time.perf_counter() - t0 < 20, (rc, buf.getvalue())
-    assert "time limit of 3 s" in buf.getvalue()
+    rc = launch(["-c", _SLEEPER, str(tmp_path), exit_code], processes=2, devices_per_process=1, timeout_s=timeout_s,
+                out=buf)
+    assert rc == rc_want and time.perf_counter() - t0 < 20, (rc, buf.getvalue())
+    assert message in buf.getvalue()
     pids = _grandchildren(tmp_path, 2)
     assert len(pids) == 2 and all(_gone(p) for p in pids), pids
 
