@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-import hf_fixtures as hf
+from tests import hf_fixtures as hf
 from apb_jax.config import ModelConfig
 from apb_jax.loading import load
 from converters import hf_to_flax as conv

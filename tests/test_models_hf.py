@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import hf_fixtures as hf
+from tests import hf_fixtures as hf
 from apb_jax.loading import load
 from apb_jax.models.rope import inv_frequencies
 from apb_jax.config import ModelConfig
