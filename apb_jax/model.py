@@ -81,13 +81,15 @@ class Model:
         return AutoTokenizer.from_pretrained(str(self.path))
 
 
+def forward_logits(graphdef, params, ids: jax.Array) -> jax.Array:
+    """int32 [batch, seq] -> float32 logits [batch, seq, vocab]: positions 0.., full causal attention (traceable:
+    `Model.logits` jits it, training differentiates it)."""
+    module = nnx.merge(graphdef, params)
+    pos = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    hidden, _ = module(ids, pos, full_attention, rope_seq_len=ids.shape[1])
+    return module.lm_logits(hidden)
+
+
 @functools.lru_cache(maxsize=16)
 def _logits_fn(graphdef):
-    @jax.jit
-    def f(params, ids):
-        module = nnx.merge(graphdef, params)
-        pos = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
-        hidden, _ = module(ids, pos, full_attention, rope_seq_len=ids.shape[1])
-        return module.lm_logits(hidden)
-
-    return f
+    return jax.jit(functools.partial(forward_logits, graphdef))

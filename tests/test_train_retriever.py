@@ -107,7 +107,9 @@ def test_train_export_load_and_resume(tmp_path):
         theirs = ref(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-4)
     # the trained params themselves (bf16 compute off here) give the same logits as the export
-    direct = np.asarray(tr._forward_logits(graphdef, params2, ids.astype(np.int32)))
+    from apb_jax.model import forward_logits
+
+    direct = np.asarray(forward_logits(graphdef, params2, ids.astype(np.int32)))
     np.testing.assert_allclose(ours, direct, atol=2e-5, rtol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert tok.decode([1, 4, 5]) == "<s> 0 1"

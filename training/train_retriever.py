@@ -248,18 +248,6 @@ def build(cfg: TrainConfig):
     return nnx.split(module)
 
 
-def _forward_logits(graphdef, params, tokens):
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from apb_jax.strategies.full import full_attention
-
-    module = nnx.merge(graphdef, params)
-    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    hidden, _ = module(tokens, pos, full_attention, rope_seq_len=tokens.shape[1])
-    return module.lm_logits(hidden)  # float32 [B, T, V]
-
-
 def _masked_stats(logits, tokens, mask):
     """Cross-entropy and argmax hits of logits[:, :-1] against tokens[:, 1:] where mask[:, 1:]."""
     import jax
@@ -296,8 +284,10 @@ def make_train_step(graphdef, optimizer, first_token_weight: float = 1.0):
     import jax.numpy as jnp
     import optax
 
+    from apb_jax.model import forward_logits
+
     def loss_fn(params, tokens, mask):
-        ce, hits, m = _masked_stats(_forward_logits(graphdef, params, tokens), tokens, mask)
+        ce, hits, m = _masked_stats(forward_logits(graphdef, params, tokens), tokens, mask)
         first = first_answer_tokens(mask)
         w = m + (first_token_weight - 1.0) * first
         loss = (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
@@ -318,9 +308,11 @@ def make_eval_fn(graphdef):
     import jax
     import jax.numpy as jnp
 
+    from apb_jax.model import forward_logits
+
     @jax.jit
     def f(params, tokens, mask):
-        _, hits, m = _masked_stats(_forward_logits(graphdef, params, tokens), tokens, mask)
+        _, hits, m = _masked_stats(forward_logits(graphdef, params, tokens), tokens, mask)
         return jnp.all((hits == m) | (m == 0), axis=1), hits.sum(1), m.sum(1)
 
     return f
