@@ -177,12 +177,11 @@ def apb_attention(q, k, v, *, anchor_len: int, passing_valid=None, kv_valid=None
   if kv_valid is not None:
     kvv = jnp.asarray(kv_valid)
     kvv = jnp.broadcast_to(kvv, (q.shape[0], k.shape[1]))
-  if backend == "mosaic" and kvv is not None and not MOSAIC_KV_VALID:
-    backend = "triton"  # see MOSAIC_KV_VALID
-    block_sizes = None
-  if backend == "mosaic" and d != 128 and anchor_len > 0 and pk > 0:
-    # d=64 with both an anchor and a passing block gives NaN on the H200 (NOTES.md runs 3-4);
-    # Triton passed the same cases.
+  # Calls the Mosaic kernel must not take go to Triton: kv_valid when MOSAIC_KV_VALID is off, and
+  # d=64 with both an anchor and a passing block (NaN on the H200, NOTES.md runs 3-4; Triton
+  # passed the same cases).
+  if backend == "mosaic" and ((kvv is not None and not MOSAIC_KV_VALID)
+                              or (d != 128 and anchor_len > 0 and pk > 0)):
     backend = "triton"
     block_sizes = None
   bs = block_sizes or BlockSizes.get_default(backend, d)
