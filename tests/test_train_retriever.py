@@ -114,6 +114,14 @@ def test_train_export_load_and_resume(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert tok.decode([1, 4, 5]) == "<s> 0 1"
 
+    # a fine-tune starts from the export's weights, and a model of another shape is refused by name
+    _, init = tr.init_params(cfg, out)
+    np.testing.assert_array_equal(np.asarray(forward_logits(graphdef, init, ids.astype(np.int32))), direct)
+    with pytest.raises(ValueError, match="init_from=.*num_layers 2 != 3"):
+        tr.init_params(tr.TrainConfig(**{**TINY, "layers": 3}), out)
+    _, _, hist3 = tr.train(cfg, steps=2, progress=False, init_from=out)
+    assert hist3["start_step"] == 0 and all(np.isfinite(r["loss"]) for r in hist3["steps"])
+
 
 def test_evaluate_is_teacher_forced_exact_match():
     """With an eval function that is right everywhere / wrong at one answer token, exact is 1 / 0."""
