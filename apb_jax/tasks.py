@@ -12,7 +12,7 @@ Every example is `(document, query, answer)` as int32 token ids (text on demand)
 Tasks (needle statement / query / answer):
 
     passkey            PASSKEY IS 7 1 4 3 2 .       QRY PASSKEY ANS           7 1 4 3 2 </s>
-    multikey_niah      KEY apple river IS 3 0 9 1 7 .   (num_keys pairs, one asked)
+    multikey_niah      KEY 3 0 9 1 7 IS apple river .   (num_keys pairs, one asked)
                                                     QRY apple river ANS       3 0 9 1 7 </s>
     variable_tracking  VAR EJ = 3 1 4 1 5 .  VAR NC = VAR EJ .  VAR WA = VAR NC . ...
                                                     QRY VAR = 3 1 4 1 5 ANS   EJ NC WA </s>
@@ -23,6 +23,15 @@ Values are 5-digit numbers (10000..99999, one token per digit), distinct within 
 key pairs are distinct ordered pairs of two different key words; variable names are distinct.
 Filler words, key words, variable names and keywords are disjoint, so a statement is never
 confused with filler.
+
+A multikey needle names its value before its key words, so the '.' that closes it has seen both:
+a causal model can answer `QRY apple river ANS` by matching the words before `ANS` with the words
+before a '.', the same aligned lookup that variable tracking's first answer needs (and that the
+shipped model learned). With the key first (`KEY apple river IS 3 0 9 1 7 .`, the first layout)
+the value's first digit can only be found by matching the query's words with the words two and
+three tokens back. Neither layout has been learned yet: the shipped model is at chance on the
+first digit of a multikey answer in both (training/results: runs 1-3 key-first, run 4 a 330-s
+fine-tune on this layout); the digits after it are copied right.
 
 Depth: the queried needle (for variable tracking, the chain's first statement) is preceded by
 `round(depth * F)` of the document's F filler tokens; `depth=None` draws it uniformly. Other
@@ -160,7 +169,7 @@ def _multikey_items(rng: np.random.Generator, n: int) -> list[_Item]:
     values = _values(rng, n)
     items = []
     for a, b, value in zip(_KEY_IDS[first], _KEY_IDS[second], values):
-        needle = np.concatenate([[_KEY, a, b, _IS], value, [_DOT]]).astype(np.int32)
+        needle = np.concatenate([[_KEY], value, [_IS, a, b, _DOT]]).astype(np.int32)
         query = np.array([_QRY, a, b, _ANS], np.int32)
         items.append(_Item((needle,), query, np.append(value, EOS_ID).astype(np.int32)))
     return items
@@ -270,7 +279,7 @@ def passkey(rng: np.random.Generator, length: int, depth: float | None = None) -
 def multikey_niah(
     rng: np.random.Generator, length: int, depth: float | None = None, num_keys: int = 4
 ) -> Example:
-    """`num_keys` needles `KEY k1 k2 IS d1..d5 .`; the one at `depth` is asked.
+    """`num_keys` needles `KEY d1..d5 IS k1 k2 .`; the one at `depth` is asked.
 
     length: document tokens (exact), >= PREFIX_LEN + 10 * num_keys. num_keys: in [1, 1560].
     """

@@ -39,9 +39,9 @@ def parse_document(doc):
             out.append(("passkey", digits(i + 2), i))
             i += 8
         elif t == V["KEY"]:
-            a, b = doc[i + 1], doc[i + 2]
-            assert a in KEYS and b in KEYS and a != b and doc[i + 3] == V["IS"] and doc[i + 9] == DOT
-            out.append(("key", ((a, b), digits(i + 4)), i))
+            a, b = doc[i + 7], doc[i + 8]  # KEY d1..d5 IS a b .
+            assert a in KEYS and b in KEYS and a != b and doc[i + 6] == V["IS"] and doc[i + 9] == DOT
+            out.append(("key", ((a, b), digits(i + 1)), i))
             i += 10
         elif t == V["VAR"]:
             name = doc[i + 1]
