@@ -441,7 +441,25 @@ def _time(r):
 
 
 def add_comparisons(rows):
-    """Speed-ups against full at the same length and ring's distance from its ideal (full time / H)."""
+    """Speed-ups against full at the same length and ring's distance from its ideal (full time / H); and, for each
+    real mesh run, the projection it checks: its replay row's measured document time (same layer count) plus the
+    modelled communication of those layers."""
+    for r in rows:
+        if not r.get("mode", "").startswith("real") or "measured" not in r:
+            continue
+        rep = next((x for x in rows if x.get("mode", "").startswith("replay") and "projected" in x
+                    and not x.get("depth_check") and x["strategy"] == r["strategy"] and x["hosts"] == r["hosts"]
+                    and x["doc_len"] == r["doc_len"] and x.get("compressor") == r.get("compressor")
+                    and x["layers_run"] == r["layers_run"]), None)
+        if rep is None:
+            continue
+        frac = rep["layers_run"] / rep["layers_model"]
+        proj = rep["measured"]["doc_prefill_s"] + rep["projected"]["comm_doc_s"] * frac
+        r["vs_projected"] = {"projected_doc_s": proj, "measured_doc_s": r["measured"]["doc_prefill_s"],
+                             "measured_over_projected": r["measured"]["doc_prefill_s"] / proj,
+                             "replay_doc_s": rep["measured"]["doc_prefill_s"],
+                             "comm_model_doc_s": rep["projected"]["comm_doc_s"] * frac,
+                             "layers": rep["layers_run"]}
     for r in rows:
         if "model_depth" not in r or r.get("depth_check"):
             continue
@@ -531,8 +549,11 @@ def print_table(rows):
     if real:
         print("\nreal mesh runs (Engine.prefill):")
         print(format_table(real, [("name", "s", col("name")), ("doc_s", ".4f", col("measured.doc_prefill_s")),
+                                  ("projected_doc_s", ".4f", col("vs_projected.projected_doc_s")),
+                                  ("measured/projected", ".3f", col("vs_projected.measured_over_projected")),
                                   ("query_s", ".4f", col("measured.query_s")),
                                   ("compile_s", ".1f", col("measured.compile_s"))]))
+        print("(real rows at the layers run; projected = that replay row's measured time + modelled communication)")
     bad = [r for r in rows if r.get("error") or r.get("skipped")]
     for r in bad:
         print(f"  {r['name']}: {r.get('error') or r.get('skipped')}")
@@ -557,8 +578,19 @@ def plot(rows, path, device_name):
                                                "marker": marks.get(r["hosts"], "x")}))
         s[0].append(r["doc_len"])
         s[1].append(y)
+    for r in sorted((r for r in rows if "vs_projected" in r), key=lambda r: r["doc_len"]):
+        rep = _find(rows, r["strategy"], r["doc_len"], r["hosts"], r.get("compressor"))
+        if rep is None:
+            continue
+        comp = {"query_aware": "-qa", "retaining_heads": "-rh"}.get(r.get("compressor"), "")
+        s = series.setdefault(f"{r['strategy']}{comp} H={r['hosts']} (measured on {r['hosts']} GPUs)",
+                              ([], [], {"color": styles.get(r["strategy"], "gray"), "linestyle": "none",
+                                        "marker": "*", "markersize": 12}))
+        s[0].append(r["doc_len"])  # the real run's measured/projected ratio applied at the model depth
+        s[1].append(rep["projected"]["prefill_s"] * r["vs_projected"]["measured_over_projected"])
     loglog_plot(series, path, f"Llama-shaped prefill (doc + query -> first token) on {device_name}\n"
-                              "projected = busiest host replayed on one device + modelled communication")
+                              "projected = busiest host replayed on one device + modelled communication; "
+                              "* = real mesh run")
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -747,6 +779,9 @@ def check_json(path) -> int:
     if not {"apb", "star", "ring"} <= real:
         problems.append(f"missing real mesh runs: {sorted({'apb', 'star', 'ring'} - real)}")
     for r in rows:
+        if r.get("mode", "").startswith("real") and not 0 < r.get("vs_projected", {}).get(
+                "measured_over_projected", float("nan")) < float("inf"):
+            problems.append(f"{r['name']} has no comparison with its projection")
         if r.get("hosts", 1) > 1 and "model_depth" in r and r["projected"]["label"] != "projected":
             problems.append(f"{r['name']} not labelled projected")
     if problems:
