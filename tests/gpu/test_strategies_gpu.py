@@ -28,10 +28,10 @@ bfloat16 goes to Mosaic on Hopper (head_dim 64/128), else Triton; full attention
 
 First GPU run (nvidia-h200-x2, jax 0.11.2, 2026-11-23), not yet green: full == Model.logits and the
 one-host ring and APB cases passed, then `one_gpu_strategies_equal_full[star-1host]` did not finish within
-190 s; a second run with `--timeout 40` failed the one-host ring/APB and the vmap-4 ring cases (their float32
-compiles on the GPU take longer than that: the accuracy benchmark sees the same, which is why it runs bf16 on
-GPUs) and was cut at 250 s. So the float32 cases need their compile time cut (or a longer budget) before this
-file can run whole; no mesh (2-GPU) case has run yet.
+190 s; a second run with `--timeout 40` failed the one-host ring/APB and the vmap-4 ring cases and was cut at
+250 s, before pytest printed why. The likely cause is float32 compile time on the GPU (those two cases had
+passed in the first run, and the accuracy benchmark runs bf16 on GPUs because float32 compiles there are very
+slow), but it is not confirmed. No mesh (2-GPU) case has run yet.
 
 The devices come from `devices_under_test()` only: to try these bodies without a GPU, make it `return jax.devices()`
 in a scratch copy and run it on fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8,
