@@ -345,8 +345,8 @@ def test_tokenizer_loads_and_round_trips():
             enc = tok(text, add_special_tokens=True)["input_ids"]  # adds nothing by design
             assert enc == list(ids)
             assert tok.decode(enc) == text
-    assert tok("KEY apple river IS 31415.", add_special_tokens=False)["input_ids"] == tk.text_to_ids(
-        "KEY apple river IS 3 1 4 1 5 ."
+    assert tok("KEY 31415 IS apple river.", add_special_tokens=False)["input_ids"] == tk.text_to_ids(
+        "KEY 3 1 4 1 5 IS apple river ."
     )
     assert len(tok("90210", add_special_tokens=False)["input_ids"]) == 5  # one token per digit
     for text in ("hello QX=BK, <unk></s>", "<s> SYS: x_y 12.", "PASSKEY!!"):
