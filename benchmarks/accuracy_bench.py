@@ -597,8 +597,11 @@ def merge(args) -> int:
                             "status": d.get("status"), "argv": d.get("argv"), "elapsed_s": d.get("elapsed_s")}
                            for p, d in zip(paths, docs)],
            "notes": sorted({n for d in docs for n in d.get("notes", [])}),
-           "status": "complete" if all(d.get("status") == "complete" for d in docs) else "partial",
            "cells": sorted(merged.values(), key=lambda c: (c["length"], c["task"], c["label"]))}
+    # complete when every merged cell is (a later run may fill what a partial one left out)
+    whole = all(c.get("accuracy") is not None and not (c.get("partial") or c.get("skipped") or c.get("error"))
+                for c in doc["cells"])
+    doc["status"] = "complete" if whole else "partial"
     if len({json.dumps(d.get("model", {}).get("source")) for d in docs}) > 1:
         doc["notes"].append("merged runs used different models: " +
                             ", ".join(str(d.get("model", {}).get("source")) for d in docs))

@@ -70,6 +70,23 @@ def test_from_json_merges_runs(smoke, tmp_path, capsys):
     assert "1024" in capsys.readouterr().out
 
 
+def test_from_json_status_follows_the_merged_cells(smoke, tmp_path):
+    """A run cut by its time budget, merged with a run that has the missing cell, is complete; alone it is not."""
+    bench, rc, out, _ = smoke
+    doc = json.loads(out.read_text())
+    cut = dict(doc, status="partial")
+    cut["cells"] = [dict(c) for c in doc["cells"]]
+    cut["cells"][0] = {k: v for k, v in cut["cells"][0].items() if k not in ("accuracy", "correct")}
+    cut["cells"][0].update(skipped="time budget", n=0)
+    cut["cells"][1] = dict(cut["cells"][1], partial="time budget reached", n=cut["cells"][1]["n"] - 1)
+    a = tmp_path / "cut.json"
+    a.write_text(json.dumps(cut))
+    for files, want in (([a], "partial"), ([a, out], "complete")):
+        merged = tmp_path / "merged.json"
+        assert bench.main(["--from-json", ",".join(map(str, files)), "--out", str(merged), "--no-plot"]) == 0
+        assert json.loads(merged.read_text())["status"] == want, files
+
+
 def test_missing_heads_skip_with_a_note(tmp_path):
     bench = _load_bench()
     args = bench.parse_args(["--columns", "full,apb-qa:4,apb-rh:4,apb-rh:2"])
