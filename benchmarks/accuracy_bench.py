@@ -614,6 +614,8 @@ def merge(args) -> int:
 
 def check_smoke(path) -> int:
     """The smoke's own check: no cell failed or ran out of time, ring's answers equal full's."""
+    import common
+
     d = json.loads(Path(path).read_text())
     problems = []
     errors = [c for c in d["cells"] if c.get("error") or c.get("skipped") == "time budget"]
@@ -624,11 +626,7 @@ def check_smoke(path) -> int:
     want_ring = any(c.startswith("ring") for c in d["settings"]["columns"])
     if (want_ring and not ring) or any(x["count"] for x in ring):
         problems.append(f"ring's answers differ from full's: {ring}")
-    if problems:
-        print("SMOKE FAILED: " + "; ".join(problems))
-        return 1
-    print(f"smoke ok: {len(d['cells'])} cells in {path}")
-    return 0
+    return common.smoke_verdict(problems, f"{len(d['cells'])} cells in {path}")
 
 
 if __name__ == "__main__":

@@ -214,6 +214,15 @@ def loglog_plot(series: dict[str, tuple[list, list, dict]], path: str | os.PathL
     plt.close(fig)
 
 
+def smoke_verdict(problems: list[str], ok: str) -> int:
+    """A smoke check's last word: 'SMOKE FAILED: ...' and 1, or 'smoke ok: <ok>' and 0."""
+    if problems:
+        print("SMOKE FAILED: " + "; ".join(problems))
+        return 1
+    print(f"smoke ok: {ok}")
+    return 0
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str, Callable[[dict], Any]]]) -> str:
     """columns: (header, format spec, getter); None values print as '-'."""
     cells = [[h for h, _, _ in columns]]

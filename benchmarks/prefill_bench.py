@@ -447,11 +447,8 @@ def add_comparisons(rows):
     for r in rows:
         if not r.get("mode", "").startswith("real") or "measured" not in r:
             continue
-        rep = next((x for x in rows if x.get("mode", "").startswith("replay") and "projected" in x
-                    and not x.get("depth_check") and x["strategy"] == r["strategy"] and x["hosts"] == r["hosts"]
-                    and x["doc_len"] == r["doc_len"] and x.get("compressor") == r.get("compressor")
-                    and x["layers_run"] == r["layers_run"]), None)
-        if rep is None:
+        rep = _find(rows, r["strategy"], r["doc_len"], r["hosts"], r.get("compressor"))
+        if rep is None or "projected" not in rep or rep["layers_run"] != r["layers_run"]:
             continue
         frac = rep["layers_run"] / rep["layers_model"]
         proj = rep["measured"]["doc_prefill_s"] + rep["projected"]["comm_doc_s"] * frac
@@ -764,6 +761,8 @@ def check_json(path) -> int:
     """The smoke check: the file is valid JSON with every strategy measured, replayed and (mesh) real."""
     import json
 
+    import common
+
     d = json.loads(Path(path).read_text())
     rows = d["rows"]
     errors = [r for r in rows if r.get("error")]
@@ -784,11 +783,7 @@ def check_json(path) -> int:
             problems.append(f"{r['name']} has no comparison with its projection")
         if r.get("hosts", 1) > 1 and "model_depth" in r and r["projected"]["label"] != "projected":
             problems.append(f"{r['name']} not labelled projected")
-    if problems:
-        print("SMOKE FAILED: " + "; ".join(problems))
-        return 1
-    print(f"smoke ok: {len(rows)} rows in {path}")
-    return 0
+    return common.smoke_verdict(problems, f"{len(rows)} rows in {path}")
 
 
 if __name__ == "__main__":

@@ -154,13 +154,16 @@ def prompt():
     return rng.integers(0, CFG.vocab_size, DOC_LEN), rng.integers(0, CFG.vocab_size, Q_LEN)
 
 
-@pytest.fixture(scope="module")
-def reference(model, prompt):
-    """Full causal attention on the first GPU: (doc logits [1, L, V], next-token logits [1, V])."""
-    doc, q = prompt
+def full_reference(model, doc, q):
+    """Full causal attention on the first GPU: (doc logits [1, L, V], next-token logits [1, V]), finite."""
     logits = np.asarray(model.logits(np.concatenate([doc, q])[None]))
     finite(logits)
-    return logits[:, :DOC_LEN], logits[:, -1]
+    return logits[:, :len(doc)], logits[:, -1]
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompt):
+    return full_reference(model, *prompt)
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +190,7 @@ def long_prompt():
 
 @pytest.fixture(scope="module")
 def long_reference(long_models, long_prompt):
-    doc, q = long_prompt
-    logits = np.asarray(long_models[1].logits(np.concatenate([doc, q])[None]))
-    finite(logits)
-    return logits[:, :LONG_DOC], logits[:, -1]
+    return full_reference(long_models[1], *long_prompt)
 
 
 # ------------------------------------------------------------------------------------------------ one GPU
