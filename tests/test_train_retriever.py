@@ -38,6 +38,34 @@ def test_curriculum_advances_on_accuracy_and_on_step_limit():
     assert other.state() == st
 
 
+def test_curriculum_min_gate_waits_for_the_weakest_task():
+    """gate=min: two tasks perfect and one at chance hold the stage; the pooled gate (mean) would have moved on."""
+    pk, mk, vt = (tr.TASKS.index(t) for t in ("passkey", "multikey_niah", "variable_tracking"))
+    hits, count = np.zeros(3), np.zeros(3)
+    hits[[pk, vt]], count[[pk, mk, vt]] = 40, 40
+    hits[mk] = 10
+    for gate in ("min", "mean"):
+        cur = tr.Curriculum(tr.TrainConfig(**TINY, min_stage_steps=2, max_stage_steps=50, advance_acc=0.7,
+                                           gate=gate))
+        for s in range(10):
+            cur.observe(128, hits, count, s)
+        assert cur.length == (256 if gate == "mean" else 128), gate  # pooled: 90/120 = 0.75 passes
+    cur = tr.Curriculum(tr.TrainConfig(**TINY, min_stage_steps=2, max_stage_steps=50, advance_acc=0.7))
+    for s in range(10):
+        cur.observe(128, hits, count, s)
+    assert cur.stage == 0 and abs(cur.ema - 0.25) < 1e-9
+    full = hits.copy()
+    full[mk] = 40
+    cur.observe(128, full, count, 10)  # one step cannot lift the running mean past 0.7 ...
+    assert cur.stage == 0
+    for s in range(11, 40):
+        cur.observe(128, full, count, s)  # ... a run of good steps does
+    ev = cur.events[-1]
+    assert cur.length == 256 and ev["reason"] == "accuracy" and set(ev["task_ema"]) == set(tr.TASKS)
+    with pytest.raises(ValueError, match="gate"):
+        tr.TrainConfig(**TINY, gate="max")
+
+
 def test_curriculum_replays_shorter_lengths_and_grows_needles():
     cfg = tr.TrainConfig(**TINY, replay=0.5)
     cur = tr.Curriculum(cfg)
@@ -65,12 +93,15 @@ def test_train_step_learns_a_fixed_batch():
     tok, mask = jnp.asarray(b.tokens), jnp.asarray(b.loss_mask)
     losses = []
     for _ in range(40):
-        params, state, stats = step(params, state, tok, mask, jnp.float32(3e-3))
+        params, state, stats = step(params, state, tok, mask, jnp.asarray(b.task_ids), jnp.float32(3e-3))
         losses.append(float(stats[0]))
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.5 * losses[0], losses
     assert float(stats[2]) == b.loss_mask[:, 1:].sum()  # every answer token counted once
     assert float(stats[5]) == 4  # one passkey answer per row: four first tokens
+    per_count = np.asarray(stats[6 + len(tr.TASKS):])
+    np.testing.assert_array_equal(per_count, [4.0 if t == "passkey" else 0.0 for t in tr.TASKS])
+    assert float(stats[6 + tr.TASKS.index("passkey")]) == float(stats[4])  # all first hits are passkey's
 
 
 def test_first_answer_tokens_marks_the_start_of_each_answer():

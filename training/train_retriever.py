@@ -8,10 +8,12 @@ what is trained is exactly what `apb_jax.load` runs. Recipe (what worked in the 
   only (dense supervision); a task mix of passkey, multikey NIAH and variable tracking;
 - curriculum: start at 128 tokens with a fixed token budget per step (the batch halves as the length doubles);
   move to the next length once the running accuracy on each answer's *first* token at the current one passes
-  `advance_acc` (or after `max_stage_steps`); a fraction `replay` of the steps revisits a shorter length; the number
-  of needles per row grows with the stage. The first token is the one that needs the lookup (which key, which
-  chain); the rest of an answer is copied from the needle once its start is known. Gating on all answer tokens let
-  the first model leave 128 tokens with 5 of 6 tokens right and the lookup at chance, and it never learned it;
+  `advance_acc` for every task of the mix (`gate=min`; or after `max_stage_steps`); a fraction `replay` of the
+  steps revisits a shorter length; the number of needles per row grows with the stage. The first token is the one
+  that needs the lookup (which key, which chain); the rest of an answer is copied from the needle once its start is
+  known. Gating on all answer tokens let the first model leave 128 tokens with 5 of 6 tokens right and the lookup
+  at chance, and it never learned it; pooling the tasks' first tokens (`gate=mean`, runs 3-4) let it leave each
+  length with passkey and variable tracking learned and multikey at chance;
 - AdamW (b2 0.95), gradient-norm clip 1.0, linear warm-up then constant, and a linear cool-down over the last
   `cooldown` fraction of the time budget.
 Batches are built by worker processes ahead of the step that needs them. Training stops at `--steps` or at
@@ -69,9 +71,11 @@ class TrainConfig:
     max_stage_steps: int = 3000
     replay: float = 0.3
     max_needles: int = 8
+    min_needles: int = 1  # needles per row are uniform in [min_needles, the stage's max] (max_needles caps both)
     max_hops: int = 4
     first_token_weight: float = 1.0  # loss weight of each answer's first token (the one that needs the lookup)
     task_mix: str = "passkey:1,multikey_niah:2,variable_tracking:2"
+    gate: str = "min"  # advance when every task's first-token accuracy passes advance_acc ("min") or their mean
     seed: int = 0
     compute_dtype: str = "bfloat16"
 
@@ -93,8 +97,10 @@ class TrainConfig:
         need(1 <= self.min_stage_steps <= self.max_stage_steps,
              f"need 1 <= min_stage_steps ({self.min_stage_steps}) <= max_stage_steps ({self.max_stage_steps})")
         need(0 <= self.replay < 1, f"replay={self.replay} must be in [0, 1)")
-        need(self.max_needles >= 1, f"max_needles={self.max_needles} must be >= 1")
+        need(1 <= self.min_needles <= self.max_needles,
+             f"need 1 <= min_needles ({self.min_needles}) <= max_needles ({self.max_needles})")
         need(self.first_token_weight > 0, f"first_token_weight={self.first_token_weight} must be > 0")
+        need(self.gate in ("min", "mean"), f"gate={self.gate!r} must be 'min' or 'mean'")
         need(self.compute_dtype in ("bfloat16", "float32"),
              f"compute_dtype={self.compute_dtype!r} must be 'bfloat16' or 'float32'")
         parse_mix(self.task_mix)
@@ -148,7 +154,8 @@ class Curriculum:
             self.lengths.append(cfg.max_len)
         self.stage = 0
         self.steps_in_stage = 0
-        self.ema: float | None = None
+        self.ema: float | None = None  # the gate: the lowest per-task running accuracy (or the pooled one)
+        self.task_ema: dict[int, float] = {}
         self.events: list[dict] = []
 
     @property
@@ -156,7 +163,7 @@ class Curriculum:
         return self.lengths[self.stage]
 
     def needles(self, stage: int) -> int:
-        return min(self.cfg.max_needles, 2 + stage)
+        return max(self.cfg.min_needles, min(self.cfg.max_needles, 2 + stage))
 
     def batch(self, length: int) -> int:
         return max(1, self.cfg.tokens_per_step // length)
@@ -168,37 +175,55 @@ class Curriculum:
         length = self.lengths[stage]
         return length, self.batch(length), self.needles(self.stage), replay
 
-    def observe(self, length: int, correct: float, count: float, step: int) -> None:
-        if length != self.length or count <= 0:
+    def observe(self, length: int, correct, count, step: int) -> None:
+        """correct/count: first-token hits and answers of one step, scalars or one entry per task (TASKS order).
+
+        Per task, a running mean (EMA 0.9) of the accuracy; the stage is passed when the gate (`min`: every task
+        seen at this stage, `mean`: all answers pooled) reaches `advance_acc` after `min_stage_steps`."""
+        correct, count = np.atleast_1d(np.asarray(correct, float)), np.atleast_1d(np.asarray(count, float))
+        if length != self.length or count.sum() <= 0:
             return
-        acc = correct / count
-        self.ema = acc if self.ema is None else 0.9 * self.ema + 0.1 * acc
+        if self.cfg.gate == "mean":
+            correct, count = correct.sum(keepdims=True), count.sum(keepdims=True)
+        for t, (c, n) in enumerate(zip(correct, count)):
+            if n > 0:
+                acc = c / n
+                self.task_ema[t] = acc if t not in self.task_ema else 0.9 * self.task_ema[t] + 0.1 * acc
+        self.ema = min(self.task_ema.values())
         self.steps_in_stage += 1
         last = self.stage == len(self.lengths) - 1
         ready = self.steps_in_stage >= self.cfg.min_stage_steps and self.ema >= self.cfg.advance_acc
         if not last and (ready or self.steps_in_stage >= self.cfg.max_stage_steps):
             self.events.append({"step": step, "from": self.length, "to": self.lengths[self.stage + 1],
                                 "ema_acc": round(self.ema, 4), "steps_in_stage": self.steps_in_stage,
+                                "task_ema": {self._name(t): round(float(v), 4) for t, v in self.task_ema.items()},
                                 "reason": "accuracy" if ready else "max_stage_steps"})
             self.stage += 1
             self.steps_in_stage = 0
             self.ema = None
+            self.task_ema = {}
+
+    def _name(self, t: int) -> str:
+        return "all" if self.cfg.gate == "mean" else TASKS[t]
 
     def state(self) -> dict:
-        return {"stage": self.stage, "steps_in_stage": self.steps_in_stage, "ema": self.ema, "events": self.events}
+        return {"stage": self.stage, "steps_in_stage": self.steps_in_stage, "ema": self.ema,
+                "task_ema": {str(t): v for t, v in self.task_ema.items()}, "events": self.events}
 
     def load_state(self, st: dict) -> None:
         self.stage = min(int(st["stage"]), len(self.lengths) - 1)
         self.steps_in_stage = int(st["steps_in_stage"])
         self.ema = st["ema"]
+        self.task_ema = {int(t): float(v) for t, v in st.get("task_ema", {}).items()}
         self.events = list(st["events"])
 
 
 def _make_batch(job):
     """Worker: one training batch (numpy only)."""
-    seed, mix, length, batch, needles, hops = job
-    b = sample_batch(np.random.default_rng(seed), mix, length, batch, max_needles=needles, max_hops=hops)
-    return b.tokens, b.loss_mask
+    seed, mix, length, batch, min_needles, needles, hops = job
+    b = sample_batch(np.random.default_rng(seed), mix, length, batch, min_needles=min(min_needles, needles),
+                     max_needles=needles, max_hops=hops)
+    return b.tokens, b.loss_mask, b.task_ids
 
 
 class Batches:
@@ -217,7 +242,8 @@ class Batches:
     def _job(self):
         length, batch, needles, replay = self.cur.propose(self.rng)
         self.counter += 1
-        job = ((self.seed, 2, self.counter), self.mix, length, batch, needles, self.cfg.max_hops)
+        job = ((self.seed, 2, self.counter), self.mix, length, batch, self.cfg.min_needles, needles,
+               self.cfg.max_hops)
         return job, {"length": length, "batch": batch, "needles": needles, "replay": replay}
 
     def next(self):
@@ -281,28 +307,33 @@ def first_answer_tokens(mask):
 
 
 def make_train_step(graphdef, optimizer, first_token_weight: float = 1.0):
-    """jit step(params, opt_state, tokens, mask, lr) -> (params, opt_state, [loss, hits, count, gnorm, first_hits,
-    first_count]); the loss weighs each answer's first token by `first_token_weight` (hits/counts are unweighted)."""
+    """jit step(params, opt_state, tokens, mask, task_ids, lr) -> (params, opt_state, stats) with stats =
+    [loss, hits, count, gnorm, first_hits, first_count, first_hits per task..., first_count per task...] (tasks in
+    TASKS order); the loss weighs each answer's first token by `first_token_weight` (hits/counts are unweighted)."""
     import jax
     import jax.numpy as jnp
     import optax
 
     from apb_jax.model import forward_logits
 
-    def loss_fn(params, tokens, mask):
+    def loss_fn(params, tokens, mask, task_ids):
         ce, hits, m = _masked_stats(forward_logits(graphdef, params, tokens), tokens, mask)
         first = first_answer_tokens(mask)
         w = m + (first_token_weight - 1.0) * first
         loss = (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
-        return loss, (hits.sum(), m.sum(), (hits * first).sum(), first.sum())
+        onehot = jax.nn.one_hot(task_ids, len(TASKS), dtype=jnp.float32)  # [B, tasks]
+        per_hits, per_count = (hits * first).sum(1) @ onehot, first.sum(1) @ onehot
+        return loss, (hits.sum(), m.sum(), (hits * first).sum(), first.sum(), per_hits, per_count)
 
     @jax.jit
-    def step(params, opt_state, tokens, mask, lr):
-        (loss, (hits, count, fh, fc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, mask)
+    def step(params, opt_state, tokens, mask, task_ids, lr):
+        (loss, (hits, count, fh, fc, ph, pc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, tokens, mask, task_ids)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         updates = jax.tree.map(lambda u: -lr * u, updates)
         gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        return optax.apply_updates(params, updates), opt_state, jnp.stack([loss, hits, count, gnorm, fh, fc])
+        stats = jnp.concatenate([jnp.stack([loss, hits, count, gnorm, fh, fc]), ph, pc])
+        return optax.apply_updates(params, updates), opt_state, stats
 
     return step
 
@@ -481,11 +512,15 @@ def train(cfg: TrainConfig, *, steps: int | None = None, time_budget_s: float | 
 
     def flush():
         for s, info, stats in pending:
-            loss, hits, count, gnorm, fh, fc = (float(x) for x in np.asarray(stats))
-            cur.observe(info["length"], fh, fc, s)
+            stats = np.asarray(stats, np.float64)
+            loss, hits, count, gnorm, fh, fc = (float(x) for x in stats[:6])
+            per_hits, per_count = stats[6:6 + len(TASKS)], stats[6 + len(TASKS):]
+            cur.observe(info["length"], per_hits, per_count, s)
             records.append({"step": s, "length": info["length"], "batch": info["batch"], "replay": info["replay"],
                             "needles": info["needles"], "loss": round(loss, 5),
                             "acc": round(hits / max(count, 1.0), 5), "first_acc": round(fh / max(fc, 1.0), 5),
+                            "first_acc_task": {t: round(h / c, 4) for t, h, c in zip(TASKS, per_hits, per_count)
+                                               if c > 0},
                             "gnorm": round(gnorm, 4),
                             "lr": info["lr"], "time_s": round(info["t"], 2)})
         pending.clear()
@@ -508,11 +543,11 @@ def train(cfg: TrainConfig, *, steps: int | None = None, time_budget_s: float | 
             if time_budget_s is not None:
                 frac.append(elapsed / max(time_budget_s - compile_s, 1e-9))
             lr = lr_at(cfg, step, max(frac))
-            (tokens, mask), info = feed.next()
+            (tokens, mask, task_ids), info = feed.next()
             shape = tokens.shape
             tc = time.perf_counter()
             params, opt_state, stats = step_fn(params, opt_state, jnp.asarray(tokens), jnp.asarray(mask),
-                                               jnp.float32(lr))
+                                               jnp.asarray(task_ids), jnp.float32(lr))
             if shape not in seen_shapes:  # first call of a shape: compile time, kept out of the lr clock
                 seen_shapes.add(shape)
                 jax.block_until_ready(stats)
@@ -620,7 +655,7 @@ def main(argv=None) -> int:
           f"(compile {history['compile_seconds']} s); curriculum reached length {history['final_stage_length']}",
           flush=True)
     for e in history["curriculum"]:
-        print(f"  step {e['step']}: {e['from']} -> {e['to']} ({e['reason']}, ema acc {e['ema_acc']})")
+        print(f"  step {e['step']}: {e['from']} -> {e['to']} ({e['reason']}, ema acc {e.get('task_ema', e['ema_acc'])})")
     t0 = time.perf_counter()
     evals = evaluate(graphdef, params, lengths=eval_lengths, num=args.eval_num,
                      progress=lambda t, n, r: print(f"  eval {t:<18} {n:>6}: exact {r['exact']:.3f} "
