@@ -6,14 +6,15 @@ Every example is `(document, query, answer)` as int32 token ids (text on demand)
               SYSTEM_PREFIX; APB's default q_insert=16 puts the query right after it)
               then filler sentences (`bako temu ... .`) with the needle statements inside,
               exactly `length` tokens in all.
-    query     ends where the model starts answering, with `ANS`.
+    query     ends where the model starts answering (with `ANS`, or for multikey with the
+              needle's own words up to its value).
     answer    the exact continuation, ending with `</s>`.
 
 Tasks (needle statement / query / answer):
 
     passkey            PASSKEY IS 7 1 4 3 2 .       QRY PASSKEY ANS           7 1 4 3 2 </s>
-    multikey_niah      KEY 3 0 9 1 7 IS apple river .   (num_keys pairs, one asked)
-                                                    QRY apple river ANS       3 0 9 1 7 </s>
+    multikey_niah      KEY apple river 3 0 9 1 7 .  (num_keys pairs, one asked)
+                                                    QRY KEY apple river       3 0 9 1 7 </s>
     variable_tracking  VAR EJ = 3 1 4 1 5 .  VAR NC = VAR EJ .  VAR WA = VAR NC . ...
                                                     QRY VAR = 3 1 4 1 5 ANS   EJ NC WA </s>
                        (num_chains chains of num_hops copies; the answer lists every variable
@@ -24,22 +25,20 @@ key pairs are distinct ordered pairs of two different key words; variable names 
 Filler words, key words, variable names and keywords are disjoint, so a statement is never
 confused with filler.
 
-A multikey needle names its value before its key words, so the '.' that closes it has seen both:
-a causal model can answer `QRY apple river ANS` by matching the words before `ANS` with the words
-before a '.', the same aligned lookup that variable tracking's first answer needs (and that the
-shipped model learned). With the key first (`KEY apple river IS 3 0 9 1 7 .`, the first layout)
-the value's first digit can only be found by matching the query's words with the words two and
-three tokens back. Neither layout has been learned yet: the shipped model is at chance on the
-first digit of a multikey answer in both (training/results: runs 1-3 key-first, run 4 a 330-s
-fine-tune on this layout); the digits after it are copied right.
+A multikey query repeats its needle up to the value, as RULER's queries end with the start of
+the needle's sentence: the answer is the continuation of `KEY apple river` wherever the document
+has it, the lookup an induction head does. Two earlier layouts ended the query with `ANS`
+(`KEY apple river IS 3 0 9 1 7 .` and `KEY 3 0 9 1 7 IS apple river .`); the model never learned
+either: the first digit stayed at chance through runs 1-5 (training/results/multikey_probes.json),
+while this layout went from chance to 99% within 300 fine-tuning steps (run 6).
 
 Depth: the queried needle (for variable tracking, the chain's first statement) is preceded by
 `round(depth * F)` of the document's F filler tokens; `depth=None` draws it uniformly. Other
 needles go to uniform random depths; a chain's later statements to sorted uniform depths after
 its first one.
 
-`sample_batch` packs several needles and one query per needle into each training sequence
-(dense supervision, APB_SPEC.md §10) and returns `tokens` with a `loss_mask` over the answers.
+`sample_batch` packs several needles and as many queries into each training sequence (dense
+supervision, APB_SPEC.md §10) and returns `tokens` with a `loss_mask` over the answers.
 `score`/`accuracy` are exact match.
 """
 from __future__ import annotations
@@ -93,7 +92,7 @@ class Example:
     """One task instance. Arrays are read-only int32 token ids.
 
     document: [length], starts with SYSTEM_PREFIX (so `<s>` first).
-    query: [q_len], ends with `ANS`; the model's answer starts right after it.
+    query: [q_len], ends where the answer starts (with `ANS`; multikey: `QRY KEY k1 k2`).
     answer: [a_len], the exact expected continuation, ending with `</s>`.
     needle_positions: start index in `document` of each statement of the queried needle
         (one for passkey/multikey; the chain's statements in order for variable tracking).
@@ -169,8 +168,8 @@ def _multikey_items(rng: np.random.Generator, n: int) -> list[_Item]:
     values = _values(rng, n)
     items = []
     for a, b, value in zip(_KEY_IDS[first], _KEY_IDS[second], values):
-        needle = np.concatenate([[_KEY], value, [_IS, a, b, _DOT]]).astype(np.int32)
-        query = np.array([_QRY, a, b, _ANS], np.int32)
+        needle = np.concatenate([[_KEY, a, b], value, [_DOT]]).astype(np.int32)
+        query = np.array([_QRY, _KEY, a, b], np.int32)
         items.append(_Item((needle,), query, np.append(value, EOS_ID).astype(np.int32)))
     return items
 
@@ -279,9 +278,9 @@ def passkey(rng: np.random.Generator, length: int, depth: float | None = None) -
 def multikey_niah(
     rng: np.random.Generator, length: int, depth: float | None = None, num_keys: int = 4
 ) -> Example:
-    """`num_keys` needles `KEY d1..d5 IS k1 k2 .`; the one at `depth` is asked.
+    """`num_keys` needles `KEY k1 k2 d1..d5 .`; the one at `depth` is asked (`QRY KEY k1 k2`).
 
-    length: document tokens (exact), >= PREFIX_LEN + 10 * num_keys. num_keys: in [1, 1560].
+    length: document tokens (exact), >= PREFIX_LEN + 9 * num_keys. num_keys: in [1, 1560].
     """
     return _example("multikey_niah", rng, length, depth, _multikey_items(rng, num_keys))
 
@@ -381,7 +380,10 @@ def sample_batch(
     length: tokens per row (exact). batch: rows.
     Each row draws a task, then a number of needles uniform in [min_needles, max_needles]
     (passkey: always 1; variable tracking: chains of 1..max_hops copies each), and asks every
-    needle once. Needles, queries and answers take at most half of the non-prefix tokens: rows
+    needle once, in random order, except multikey rows, whose keys are asked with replacement:
+    asked each key once, the model learned to answer with a value not given yet in the row
+    (right for the last query whatever the key: first-token accuracy 0.85 with two needles)
+    and stayed at chance on the lookup (training/results/multikey_probes.json). Needles, queries and answers take at most half of the non-prefix tokens: rows
     that would exceed it get fewer needles (at least one).
     Returns Batch(tokens [batch, length] int32, loss_mask [batch, length] float32,
     task_ids [batch] int32).
@@ -419,14 +421,18 @@ def sample_batch(
         for item in items:
             statements += item.statements
             depths += _statement_depths(rng, item, float(rng.uniform()))
-        qa_len = sum(len(it.query) + len(it.answer) for it in items)
+        if task == "multikey_niah":  # as many queries as needles, drawn with replacement
+            asked = [items[i] for i in rng.integers(0, len(items), size=len(items))]
+        else:
+            asked = [items[i] for i in rng.permutation(len(items))]
+        qa_len = sum(len(it.query) + len(it.answer) for it in asked)
         doc, _ = _assemble(rng, length - qa_len, statements, depths)
         row, pos = [doc], len(doc)
-        for i in rng.permutation(len(items)):
-            row += [items[i].query, items[i].answer]
-            pos += len(items[i].query)
-            mask[b, pos : pos + len(items[i].answer)] = 1.0
-            pos += len(items[i].answer)
+        for item in asked:
+            row += [item.query, item.answer]
+            pos += len(item.query)
+            mask[b, pos : pos + len(item.answer)] = 1.0
+            pos += len(item.answer)
         tokens[b] = np.concatenate(row)
     return Batch(tokens, mask, task_ids)
 

@@ -1,6 +1,6 @@
 """The shipped retriever (apb_jax/assets/retriever): it loads through apb_jax.load and transformers alike, and it
-answers a fixed set of short passkey examples with full attention and with APB on the 4 fake CPU devices (both
-compressors, its own retaining heads included)."""
+answers fixed sets of short passkey, multikey and variable-tracking examples with full attention and with APB on the
+4 fake CPU devices (both compressors, its own retaining heads included)."""
 import json
 
 import numpy as np
@@ -43,12 +43,13 @@ def test_transformers_reads_the_same_model(model):
     ("apb", {"devices": 4}),
     ("apb", {"devices": 4, "compressor": "retaining_heads", "retaining_heads": str(HEADS)}),
 ], ids=["full", "apb-query-aware", "apb-retaining-heads"])
-def test_answers_short_passkeys(model, strategy, kw):
+@pytest.mark.parametrize("task", ["passkey", "multikey_niah", "variable_tracking"])
+def test_answers_short_examples(model, strategy, kw, task):
     from apb_jax.engine import Engine
     from apb_jax.tasks import make_examples, score
     from apb_jax.tokenizer import ids_to_text
 
-    exs = make_examples("passkey", 7, 6, 1024)
+    exs = make_examples(task, 7, 6, 1024)
     eng = Engine(model, strategy, **kw)
     out = eng.generate(np.stack([e.document for e in exs]), np.stack([e.query for e in exs]),
                        max_new_tokens=len(exs[0].answer))

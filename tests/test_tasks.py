@@ -14,7 +14,7 @@ DIGITS = {V[str(d)] for d in range(10)}
 FILLER = {V[w] for w in tk.FILLER_WORDS}
 KEYS = {V[w] for w in tk.KEY_WORDS}
 NAMES = {V[w] for w in tk.VAR_NAMES}
-QRY, ANS, EOS, DOT, EQ = V["QRY"], V["ANS"], V["</s>"], V["."], V["="]
+QRY, ANS, EOS, DOT, EQ, KEY = V["QRY"], V["ANS"], V["</s>"], V["."], V["="], V["KEY"]
 
 
 # --- an independent oracle: a grammar for the document body, and a solver per query ---------
@@ -39,10 +39,10 @@ def parse_document(doc):
             out.append(("passkey", digits(i + 2), i))
             i += 8
         elif t == V["KEY"]:
-            a, b = doc[i + 7], doc[i + 8]  # KEY d1..d5 IS a b .
-            assert a in KEYS and b in KEYS and a != b and doc[i + 6] == V["IS"] and doc[i + 9] == DOT
-            out.append(("key", ((a, b), digits(i + 1)), i))
-            i += 10
+            a, b = doc[i + 1], doc[i + 2]  # KEY a b d1..d5 .
+            assert a in KEYS and b in KEYS and a != b and doc[i + 8] == DOT
+            out.append(("key", ((a, b), digits(i + 3)), i))
+            i += 9
         elif t == V["VAR"]:
             name = doc[i + 1]
             assert name in NAMES and doc[i + 2] == EQ
@@ -63,7 +63,12 @@ def oracle(doc, query):
     """Solve the query from the document alone: answer ids ending with </s>."""
     stmts = parse_document(doc)
     q = [int(t) for t in query]
-    assert q[0] == QRY and q[-1] == ANS
+    assert q[0] == QRY
+    if q[1] == KEY:  # QRY KEY a b: the needle up to its value
+        assert len(q) == 4
+        (val,) = [f[1] for k, f, _ in stmts if k == "key" and list(f[0]) == q[2:]]
+        return list(val) + [EOS]
+    assert q[-1] == ANS
     body = q[1:-1]
     if body == [V["PASSKEY"]]:
         (val,) = [f for k, f, _ in stmts if k == "passkey"]  # exactly one passkey
@@ -82,8 +87,7 @@ def oracle(doc, query):
         names = [n for n in order if env[n] == tuple(body[2:])]
         assert names
         return names + [EOS]
-    (val,) = [f[1] for k, f, _ in stmts if k == "key" and list(f[0]) == body]
-    return list(val) + [EOS]
+    raise AssertionError(f"unknown query {tk.ids_to_text(q)!r}")
 
 
 def split_row(row):
@@ -93,7 +97,7 @@ def split_row(row):
     pairs, i = [], start
     while i < len(row):
         assert row[i] == QRY
-        a = row.index(ANS, i)
+        a = i + 3 if row[i + 1] == KEY else row.index(ANS, i)  # QRY KEY k1 k2 | QRY ... ANS
         e = row.index(EOS, a)
         pairs.append((row[i : a + 1], row[a + 1 : e + 1], a + 1))
         i = e + 1
@@ -129,14 +133,15 @@ def test_length_is_exact(task, length):
     for seed in range(3):
         ex = make(task, seed, length)
         assert ex.document.shape == (length,) and ex.document.dtype == np.int32
-        assert ex.document[0] == tk.BOS_ID and ex.answer[-1] == EOS and ex.query[-1] == ANS
+        assert ex.document[0] == tk.BOS_ID and ex.answer[-1] == EOS
+        assert ex.query[-1] == ANS if task != "multikey_niah" else list(ex.query[:2]) == [QRY, KEY]
 
 
 @pytest.mark.parametrize(
     "task,kw,minimum",
     [
         ("passkey", {}, 16 + 8),
-        ("multikey_niah", {"num_keys": 4}, 16 + 40),
+        ("multikey_niah", {"num_keys": 4}, 16 + 36),
         ("variable_tracking", {"num_chains": 2, "num_hops": 3}, 16 + 2 * (9 + 18)),
     ],
 )
@@ -166,10 +171,10 @@ def test_queried_needle_sits_at_depth(task, depth):
     first = ex.needle_positions[0]
     assert first in stmts  # a statement starts there
     if task == "multikey_niah":
-        assert stmts[first][0] == "key" and list(stmts[first][1][0]) == list(ex.query[1:3])
+        assert stmts[first][0] == "key" and list(stmts[first][1][0]) == list(ex.query[2:4])
     else:
         assert stmts[first][0] == "assign" and stmts[first][1][0] == ex.answer[0]
-    size = {"passkey": 8, "key": 10, "assign": 9, "copy": 6}
+    size = {"passkey": 8, "key": 9, "assign": 9, "copy": 6}
     needle_tokens = sum(size[k] for k, _, _ in stmts.values())
     before = sum(size[k] for k, _, p in stmts.values() if p < first)
     filler = length - tasks.PREFIX_LEN - needle_tokens
@@ -287,7 +292,7 @@ def test_sample_batch(length, batch):
             assert n == 1
         stmts = parse_document(doc)
         roots = [s for s in stmts if s[0] in ("passkey", "key", "assign")]
-        assert len(roots) == n  # one query per needle, no unasked needle
+        assert len(roots) == n  # as many queries as needles (multikey: keys drawn with replacement)
         counts.append(n)
     if length >= 1024:
         assert max(counts) > 2  # several needles per sequence (dense supervision)
@@ -297,8 +302,12 @@ def test_sample_batch_options_and_errors():
     rng = np.random.default_rng(0)
     out = tasks.sample_batch(rng, "multikey_niah", 4096, 16, min_needles=8, max_needles=8)
     assert (out.task_ids == tasks.TASKS.index("multikey_niah")).all()
-    assert ((out.tokens == QRY).sum(axis=1) == 8).all()
+    assert ((out.tokens == QRY).sum(axis=1) == 8).all()  # eight needles, eight queries
+    assert ((out.tokens == KEY).sum(axis=1) == 1 + 8 + 8).all()  # the system prefix's, the needles', the queries'
     assert (out.loss_mask.sum(axis=1) == 8 * 6).all()
+    # keys asked with replacement (asking each key once would let the last query be answered by exclusion)
+    asked = [{tuple(q[2:4]) for q, _, _ in split_row(row)[1]} for row in out.tokens]
+    assert min(len(a) for a in asked) < 8
     out = tasks.sample_batch(rng, ["variable_tracking"], 4096, 4, max_hops=1)
     assert all(len(a) == 3 for row in out.tokens for _, a, _ in split_row(row)[1])  # 2 names + </s>
     with pytest.raises(ValueError, match="length=40 is too short for multikey_niah"):
@@ -345,8 +354,8 @@ def test_tokenizer_loads_and_round_trips():
             enc = tok(text, add_special_tokens=True)["input_ids"]  # adds nothing by design
             assert enc == list(ids)
             assert tok.decode(enc) == text
-    assert tok("KEY 31415 IS apple river.", add_special_tokens=False)["input_ids"] == tk.text_to_ids(
-        "KEY 3 1 4 1 5 IS apple river ."
+    assert tok("KEY apple river 31415.", add_special_tokens=False)["input_ids"] == tk.text_to_ids(
+        "KEY apple river 3 1 4 1 5 ."
     )
     assert len(tok("90210", add_special_tokens=False)["input_ids"]) == 5  # one token per digit
     for text in ("hello QX=BK, <unk></s>", "<s> SYS: x_y 12.", "PASSKEY!!"):
