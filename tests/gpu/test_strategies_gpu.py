@@ -26,12 +26,16 @@ dots (precision HIGHEST in pallas_kernels/portable.py; Mosaic takes bf16/f16 onl
 is plain XLA einsums (strategies/full.py), so the float32 comparisons keep a tight tolerance (F32_TOL).
 bfloat16 goes to Mosaic on Hopper (head_dim 64/128), else Triton; full attention in bf16 to cuDNN.
 
-First GPU run (nvidia-h200-x2, jax 0.11.2, 2026-11-23), not yet green: full == Model.logits and the
-one-host ring and APB cases passed, then `one_gpu_strategies_equal_full[star-1host]` did not finish within
-190 s; a second run with `--timeout 40` failed the one-host ring/APB and the vmap-4 ring cases and was cut at
-250 s, before pytest printed why. The likely cause is float32 compile time on the GPU (those two cases had
-passed in the first run, and the accuracy benchmark runs bf16 on GPUs because float32 compiles there are very
-slow), but it is not confirmed. No mesh (2-GPU) case has run yet.
+GPU runs so far (nvidia-h200-x2, jax 0.11.2, 2026-11-23), not yet green, because they are slow, not wrong:
+- run 1: full == Model.logits and the one-host ring and APB cases passed, then
+  `one_gpu_strategies_equal_full[star-1host]` did not finish within 190 s;
+- run 2 (`--timeout 40`): the one-host ring/APB and the vmap-4 ring cases hit the time limit;
+- run 3 (`--timeout 70 -o faulthandler_timeout=40`): on the 2-GPU mesh, exact APB == full passed for both
+  compressors; `ring_equals_full[2gpus]` failed, its reason cut off with the run (it also compiled the module's
+  full-attention reference); on one GPU, full == Model.logits and ring-1host passed. The stack dumps of every
+  test past 40 s were inside XLA's `backend_compile_and_load`: each case spends 40-70 s compiling float32
+  programs of a 2-layer model. The suspect is XLA's GEMM autotuning (it tries many kernels per float32 dot at
+  precision HIGHEST); the next run should set XLA_FLAGS=--xla_gpu_autotune_level=0 and a --timeout of 150 s.
 
 The devices come from `devices_under_test()` only: to try these bodies without a GPU, make it `return jax.devices()`
 in a scratch copy and run it on fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8,
