@@ -383,8 +383,9 @@ def sample_batch(
     needle once, in random order, except multikey rows, whose keys are asked with replacement:
     asked each key once, the model learned to answer with a value not given yet in the row
     (right for the last query whatever the key: first-token accuracy 0.85 with two needles)
-    and stayed at chance on the lookup (training/results/multikey_probes.json). Needles, queries and answers take at most half of the non-prefix tokens: rows
-    that would exceed it get fewer needles (at least one).
+    and stayed at chance on the lookup (training/results/multikey_probes.json). Needles,
+    queries and answers take at most half of the non-prefix tokens: rows that would exceed it
+    get fewer needles (at least one).
     Returns Batch(tokens [batch, length] int32, loss_mask [batch, length] float32,
     task_ids [batch] int32).
     """
