@@ -655,7 +655,8 @@ def main(argv=None) -> int:
           f"(compile {history['compile_seconds']} s); curriculum reached length {history['final_stage_length']}",
           flush=True)
     for e in history["curriculum"]:
-        print(f"  step {e['step']}: {e['from']} -> {e['to']} ({e['reason']}, ema acc {e.get('task_ema', e['ema_acc'])})")
+        acc = e.get("task_ema", e["ema_acc"])
+        print(f"  step {e['step']}: {e['from']} -> {e['to']} ({e['reason']}, ema acc {acc})")
     t0 = time.perf_counter()
     evals = evaluate(graphdef, params, lengths=eval_lengths, num=args.eval_num,
                      progress=lambda t, n, r: print(f"  eval {t:<18} {n:>6}: exact {r['exact']:.3f} "
