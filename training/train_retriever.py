@@ -154,8 +154,7 @@ class Curriculum:
             self.lengths.append(cfg.max_len)
         self.stage = 0
         self.steps_in_stage = 0
-        self.ema: float | None = None  # the gate: the lowest per-task running accuracy (or the pooled one)
-        self.task_ema: dict[int, float] = {}
+        self.task_ema: dict[str, float] = {}  # running first-token accuracy per task ("all" when pooled)
         self.events: list[dict] = []
 
     @property
@@ -175,54 +174,56 @@ class Curriculum:
         length = self.lengths[stage]
         return length, self.batch(length), self.needles(self.stage), replay
 
+    @property
+    def ema(self) -> float | None:
+        """The gate: the lowest running accuracy of the tasks seen at this stage (or the pooled one)."""
+        return min(self.task_ema.values()) if self.task_ema else None
+
     def observe(self, length: int, correct, count, step: int) -> None:
-        """correct/count: first-token hits and answers of one step, scalars or one entry per task (TASKS order).
+        """correct/count: first-token hits and answers of one step, scalars (pooled) or one entry per task (TASKS
+        order).
 
         Per task, a running mean (EMA 0.9) of the accuracy; the stage is passed when the gate (`min`: every task
         seen at this stage, `mean`: all answers pooled) reaches `advance_acc` after `min_stage_steps`."""
-        correct, count = np.atleast_1d(np.asarray(correct, float)), np.atleast_1d(np.asarray(count, float))
+        correct, count = np.asarray(correct, float), np.asarray(count, float)
         if length != self.length or count.sum() <= 0:
             return
-        if self.cfg.gate == "mean":
-            correct, count = correct.sum(keepdims=True), count.sum(keepdims=True)
-        for t, (c, n) in enumerate(zip(correct, count)):
+        if self.cfg.gate == "mean" or correct.ndim == 0:
+            per_task = {"all": (correct.sum(), count.sum())}
+        else:
+            per_task = dict(zip(TASKS, zip(correct, count)))
+        for name, (c, n) in per_task.items():
             if n > 0:
-                acc = c / n
-                self.task_ema[t] = acc if t not in self.task_ema else 0.9 * self.task_ema[t] + 0.1 * acc
-        self.ema = min(self.task_ema.values())
+                old = self.task_ema.get(name)
+                self.task_ema[name] = c / n if old is None else 0.9 * old + 0.1 * c / n
         self.steps_in_stage += 1
         last = self.stage == len(self.lengths) - 1
         ready = self.steps_in_stage >= self.cfg.min_stage_steps and self.ema >= self.cfg.advance_acc
         if not last and (ready or self.steps_in_stage >= self.cfg.max_stage_steps):
             self.events.append({"step": step, "from": self.length, "to": self.lengths[self.stage + 1],
                                 "ema_acc": round(self.ema, 4), "steps_in_stage": self.steps_in_stage,
-                                "task_ema": {self._name(t): round(float(v), 4) for t, v in self.task_ema.items()},
+                                "task_ema": {t: round(float(v), 4) for t, v in self.task_ema.items()},
                                 "reason": "accuracy" if ready else "max_stage_steps"})
             self.stage += 1
             self.steps_in_stage = 0
-            self.ema = None
             self.task_ema = {}
 
-    def _name(self, t: int) -> str:
-        return "all" if self.cfg.gate == "mean" else TASKS[t]
-
     def state(self) -> dict:
-        return {"stage": self.stage, "steps_in_stage": self.steps_in_stage, "ema": self.ema,
-                "task_ema": {str(t): v for t, v in self.task_ema.items()}, "events": self.events}
+        return {"stage": self.stage, "steps_in_stage": self.steps_in_stage, "task_ema": dict(self.task_ema),
+                "events": self.events}
 
     def load_state(self, st: dict) -> None:
         self.stage = min(int(st["stage"]), len(self.lengths) - 1)
         self.steps_in_stage = int(st["steps_in_stage"])
-        self.ema = st["ema"]
-        self.task_ema = {int(t): float(v) for t, v in st.get("task_ema", {}).items()}
+        self.task_ema = {str(t): float(v) for t, v in st.get("task_ema", {}).items()}
         self.events = list(st["events"])
 
 
 def _make_batch(job):
     """Worker: one training batch (numpy only)."""
     seed, mix, length, batch, min_needles, needles, hops = job
-    b = sample_batch(np.random.default_rng(seed), mix, length, batch, min_needles=min(min_needles, needles),
-                     max_needles=needles, max_hops=hops)
+    b = sample_batch(np.random.default_rng(seed), mix, length, batch, min_needles=min_needles, max_needles=needles,
+                     max_hops=hops)
     return b.tokens, b.loss_mask, b.task_ids
 
 
