@@ -7,6 +7,7 @@
 
 Names resolve lazily, so `import apb_jax.cli` does not start jax (the CLI may still set XLA flags).
 """
+
 from __future__ import annotations
 
 import importlib

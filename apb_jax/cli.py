@@ -2,6 +2,7 @@
 
 jax is imported only after the arguments are read, so `--cpu-devices N` can still ask XLA for N fake CPU devices.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,16 +13,28 @@ import sys
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="full", choices=["full", "ring", "star", "apb"])
-    p.add_argument("--devices", type=int, default=None, help="hosts on mesh axis 'sp' (default: 1 for full, all for others)")
-    p.add_argument("--anchor-len", type=int, default=None, help="APB/Star anchor length A (default: L/32 for APB, B for Star)")
+    p.add_argument(
+        "--devices", type=int, default=None, help="hosts on mesh axis 'sp' (default: 1 for full, all for others)"
+    )
+    p.add_argument(
+        "--anchor-len", type=int, default=None, help="APB/Star anchor length A (default: L/32 for APB, B for Star)"
+    )
     p.add_argument("--passing-len", type=int, default=None, help="APB passing length P per host (default: L/64)")
     p.add_argument("--compressor", default=None, choices=["query_aware", "retaining_heads"])
     p.add_argument("--retaining-heads", default=None, help="retaining-heads checkpoint (.safetensors/.bin/.pt)")
     p.add_argument("--q-insert", type=int, default=16, help="document tokens before the query inside the anchor")
-    p.add_argument("--mode", default="mesh", choices=["mesh", "vmap"],
-                   help="mesh: one host per device; vmap: emulate the hosts on one device")
-    p.add_argument("--cpu-devices", type=int, default=None,
-                   help="run on the CPU with this many fake devices (sets XLA_FLAGS before jax starts)")
+    p.add_argument(
+        "--mode",
+        default="mesh",
+        choices=["mesh", "vmap"],
+        help="mesh: one host per device; vmap: emulate the hosts on one device",
+    )
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="run on the CPU with this many fake devices (sets XLA_FLAGS before jax starts)",
+    )
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -81,8 +94,10 @@ def _set_cpu_devices(n: int | None) -> None:
         if xla_bridge.backends_are_initialized():
             if jax.default_backend() == "cpu" and jax.device_count() >= n:
                 return  # already there (e.g. called from a process that set them up itself)
-            raise RuntimeError(f"--cpu-devices/--devices {n}: jax has already started with {jax.device_count()} "
-                               f"{jax.default_backend()} device(s); run the command in a fresh process")
+            raise RuntimeError(
+                f"--cpu-devices/--devices {n}: jax has already started with {jax.device_count()} "
+                f"{jax.default_backend()} device(s); run the command in a fresh process"
+            )
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", n)
 
@@ -119,26 +134,51 @@ def cmd_generate(args) -> int:
         context = f.read()
     doc_ids = tok(context, add_special_tokens=True)["input_ids"]
     query_ids = tok(args.question, add_special_tokens=False)["input_ids"]
-    engine = apb_jax.Engine(model, strategy=args.strategy, devices=args.devices, anchor_len=args.anchor_len,
-                            passing_len=args.passing_len, compressor=args.compressor,
-                            retaining_heads=args.retaining_heads, q_insert=args.q_insert, mode=args.mode)
-    out = engine.generate(doc_ids, query_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed)
+    engine = apb_jax.Engine(
+        model,
+        strategy=args.strategy,
+        devices=args.devices,
+        anchor_len=args.anchor_len,
+        passing_len=args.passing_len,
+        compressor=args.compressor,
+        retaining_heads=args.retaining_heads,
+        q_insert=args.q_insert,
+        mode=args.mode,
+    )
+    out = engine.generate(
+        doc_ids,
+        query_ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     text = tok.decode(out.tokens, skip_special_tokens=True)
     if not _is_main():
         return 0
-    record = {"answer": text, "tokens": out.tokens, "strategy": args.strategy, "hosts": engine.hosts,
-              "doc_tokens": len(doc_ids), "query_tokens": len(query_ids),
-              "anchor_len": out.layout.anchor, "passing_len": out.layout.passing, "block_len": out.layout.block,
-              "prefill_seconds": out.prefill_seconds, "decode_seconds": out.decode_seconds,
-              "compile_seconds": out.compile_seconds}
+    record = {
+        "answer": text,
+        "tokens": out.tokens,
+        "strategy": args.strategy,
+        "hosts": engine.hosts,
+        "doc_tokens": len(doc_ids),
+        "query_tokens": len(query_ids),
+        "anchor_len": out.layout.anchor,
+        "passing_len": out.layout.passing,
+        "block_len": out.layout.block,
+        "prefill_seconds": out.prefill_seconds,
+        "decode_seconds": out.decode_seconds,
+        "compile_seconds": out.compile_seconds,
+    }
     if args.json:
         print(json.dumps(record))
     else:
         print(text)
-        print(f"[{args.strategy} on {engine.hosts} host(s): {len(doc_ids)} context tokens, prefill "
-              f"{out.prefill_seconds:.3f}s, decode {out.decode_seconds:.3f}s, compile {out.compile_seconds:.1f}s]",
-              file=sys.stderr)
+        print(
+            f"[{args.strategy} on {engine.hosts} host(s): {len(doc_ids)} context tokens, prefill "
+            f"{out.prefill_seconds:.3f}s, decode {out.decode_seconds:.3f}s, compile {out.compile_seconds:.1f}s]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -163,18 +203,23 @@ def cmd_launch(args) -> int:
 
     rest = args.rest[1:] if args.rest and args.rest[0] == "--" else args.rest
     if not rest:
-        print("apb-jax launch: give the command after --, e.g. apb-jax launch -- generate --model ...",
-              file=sys.stderr)
+        print("apb-jax launch: give the command after --, e.g. apb-jax launch -- generate --model ...", file=sys.stderr)
         return 2
-    return launch.launch(rest, processes=args.processes, devices_per_process=args.devices_per_process,
-                         timeout_s=args.timeout)
+    return launch.launch(
+        rest, processes=args.processes, devices_per_process=args.devices_per_process, timeout_s=args.timeout
+    )
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rc = {"convert": cmd_convert, "generate": cmd_generate, "demo": cmd_demo, "bench": cmd_bench,
-              "launch": cmd_launch}[args.command](args)
+        rc = {
+            "convert": cmd_convert,
+            "generate": cmd_generate,
+            "demo": cmd_demo,
+            "bench": cmd_bench,
+            "launch": cmd_launch,
+        }[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"apb-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ Two scorers, both returning float32 [B, T, KVH] over the host's whole sequence [
 - `query_aware_scores`: training-free (Spava's cheap form): k . q_bar, with q_bar the mean over the anchor's query
   rows and over the query heads of each KV group (after RoPE), in float32.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,7 @@ jax.tree_util.register_pytree_node(RetainingHeads, RetainingHeads.tree_flatten, 
 def retaining_head_scores(call: AttnCall, heads: RetainingHeads) -> jax.Array:
     """[B, T, KVH] float32 scores from the layer's retaining head on pre-RoPE q, k and v."""
     b, t = call.q_raw.shape[:2]
-    x = jnp.concatenate([call.q_raw.reshape(b, t, -1), call.k_raw.reshape(b, t, -1), call.v.reshape(b, t, -1)],
-                        axis=-1)
+    x = jnp.concatenate([call.q_raw.reshape(b, t, -1), call.k_raw.reshape(b, t, -1), call.v.reshape(b, t, -1)], axis=-1)
     fc1, fc2 = heads.fc1[call.layer], heads.fc2[call.layer]
     hid = activation(heads.act)(jnp.dot(x.astype(fc1.dtype), fc1, preferred_element_type=jnp.float32))
     return jnp.dot(hid.astype(fc2.dtype), fc2, preferred_element_type=jnp.float32)
@@ -62,8 +62,7 @@ def max_pool(scores: jax.Array, kernel: int) -> jax.Array:
     if kernel == 1:
         return scores
     pad = kernel // 2
-    return jax.lax.reduce_window(scores, -jnp.inf, jax.lax.max, (1, kernel, 1), (1, 1, 1),
-                                 ((0, 0), (pad, pad), (0, 0)))
+    return jax.lax.reduce_window(scores, -jnp.inf, jax.lax.max, (1, kernel, 1), (1, 1, 1), ((0, 0), (pad, pad), (0, 0)))
 
 
 def select_top(scores: jax.Array, eligible: jax.Array, anchor_len: int, passing_len: int, pool_kernel: int):

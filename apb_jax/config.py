@@ -3,6 +3,7 @@
 `ModelConfig` is read from a Hugging Face `config.json` (Llama-2/3.x, Qwen2/2.5; old `rope_theta`/`rope_scaling`
 fields and transformers-5 `rope_parameters` both understood).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,12 +65,21 @@ class ModelConfig:
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type={self.model_type!r} is not supported; allowed: {SUPPORTED_MODEL_TYPES}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA groups)")
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA groups)"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
@@ -84,7 +94,8 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"config.json model_type={model_type!r} is not supported; allowed: {SUPPORTED_MODEL_TYPES}")
+                f"config.json model_type={model_type!r} is not supported; allowed: {SUPPORTED_MODEL_TYPES}"
+            )
         heads = int(d["num_attention_heads"])
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         rope = _rope_from_hf(d)
@@ -131,8 +142,11 @@ class ModelConfig:
         if self.rope.rope_type != "default":
             rope_params["factor"] = self.rope.factor
         if self.rope.rope_type == "llama3":
-            rope_params.update(low_freq_factor=self.rope.low_freq_factor, high_freq_factor=self.rope.high_freq_factor,
-                               original_max_position_embeddings=self.rope.original_max_position_embeddings)
+            rope_params.update(
+                low_freq_factor=self.rope.low_freq_factor,
+                high_freq_factor=self.rope.high_freq_factor,
+                original_max_position_embeddings=self.rope.original_max_position_embeddings,
+            )
         d = {
             "model_type": self.model_type,
             "architectures": ["LlamaForCausalLM" if self.model_type == "llama" else "Qwen2ForCausalLM"],
@@ -182,8 +196,10 @@ def _rope_from_hf(d: dict[str, Any]) -> RopeConfig:
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=(
-            int(params["original_max_position_embeddings"]) if params.get("original_max_position_embeddings")
-            else int(d.get("max_position_embeddings", 8192))),
+            int(params["original_max_position_embeddings"])
+            if params.get("original_max_position_embeddings")
+            else int(d.get("max_position_embeddings", 8192))
+        ),
     )
 
 

@@ -15,6 +15,7 @@ Settings come from, in order: the arguments, the `APB_JAX_*` environment variabl
 (`APB_JAX_COORDINATOR`, `APB_JAX_NUM_PROCESSES`, `APB_JAX_PROCESS_ID`, `APB_JAX_LOCAL_DEVICE_COUNT`), then JAX's
 cluster detection (SLURM, Open MPI, Kubernetes, TPU, ...).  With none of these, the run stays single-process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,29 +38,52 @@ DEFAULT_TIMEOUT_S = 300
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --coordinator/--num-processes/--process-id/--local-device-count/--init-timeout to a CLI parser."""
-    g = parser.add_argument_group("multi-process (jax.distributed; default: detected from SLURM/Open MPI/"
-                                  "Kubernetes or `apb-jax launch`, else one process)")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="address of process 0's coordinator service (same on every process)")
+    g = parser.add_argument_group(
+        "multi-process (jax.distributed; default: detected from SLURM/Open MPI/"
+        "Kubernetes or `apb-jax launch`, else one process)"
+    )
+    g.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="address of process 0's coordinator service (same on every process)",
+    )
     g.add_argument("--num-processes", type=int, default=None, metavar="N", help="how many processes in all")
     g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's id, 0..N-1")
-    g.add_argument("--local-device-count", type=int, default=None, metavar="D",
-                   help="devices this process uses (CPU: fake devices; GPU: GPUs local_rank*D .. +D-1)")
-    g.add_argument("--init-timeout", type=int, default=None, metavar="S",
-                   help=f"seconds to wait for every process to join (default {DEFAULT_TIMEOUT_S})")
+    g.add_argument(
+        "--local-device-count",
+        type=int,
+        default=None,
+        metavar="D",
+        help="devices this process uses (CPU: fake devices; GPU: GPUs local_rank*D .. +D-1)",
+    )
+    g.add_argument(
+        "--init-timeout",
+        type=int,
+        default=None,
+        metavar="S",
+        help=f"seconds to wait for every process to join (default {DEFAULT_TIMEOUT_S})",
+    )
 
 
 def initialize_from_args(args: argparse.Namespace) -> bool:
     """`initialize` with the values `add_arguments` parsed."""
-    return initialize(coordinator=getattr(args, "coordinator", None),
-                      num_processes=getattr(args, "num_processes", None),
-                      process_id=getattr(args, "process_id", None),
-                      local_device_count=getattr(args, "local_device_count", None),
-                      timeout_s=getattr(args, "init_timeout", None))
+    return initialize(
+        coordinator=getattr(args, "coordinator", None),
+        num_processes=getattr(args, "num_processes", None),
+        process_id=getattr(args, "process_id", None),
+        local_device_count=getattr(args, "local_device_count", None),
+        timeout_s=getattr(args, "init_timeout", None),
+    )
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               local_device_count: int | None = None, timeout_s: int | None = None) -> bool:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_count: int | None = None,
+    timeout_s: int | None = None,
+) -> bool:
     """Join (or start) a multi-process run.  Call before anything touches a JAX device.
 
     coordinator "HOST:PORT" of process 0 (it binds that port; the others connect to it); num_processes N;
@@ -91,17 +115,24 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                 _set_local_devices(local_device_count, None)
             return False
     else:
-        missing = [f"--{n.replace('_', '-')}" for n, v in zip(("coordinator", "num_processes", "process_id"), given)
-                   if v is None]
+        missing = [
+            f"--{n.replace('_', '-')}"
+            for n, v in zip(("coordinator", "num_processes", "process_id"), given)
+            if v is None
+        ]
         if missing and _detected_cluster() is None:
-            raise ValueError(f"a multi-process run needs --coordinator, --num-processes and --process-id together "
-                             f"(no SLURM/Open MPI/Kubernetes environment was found to fill in the rest); missing: "
-                             f"{', '.join(missing)}")
+            raise ValueError(
+                f"a multi-process run needs --coordinator, --num-processes and --process-id together "
+                f"(no SLURM/Open MPI/Kubernetes environment was found to fill in the rest); missing: "
+                f"{', '.join(missing)}"
+            )
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"num_processes={num_processes} must be >= 1")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id={process_id} must be in [0, {num_processes - 1}] for num_processes="
-                         f"{num_processes}; give each process a distinct id 0..N-1")
+        raise ValueError(
+            f"process_id={process_id} must be in [0, {num_processes - 1}] for num_processes="
+            f"{num_processes}; give each process a distinct id 0..N-1"
+        )
     if coordinator is not None:
         host, port = _split_address(coordinator)
     local_ids = _set_local_devices(local_device_count, num_processes) if local_device_count is not None else None
@@ -114,16 +145,23 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         _check_bindable(port, coordinator)
 
     who = f"process {process_id if process_id is not None else '?'} of {num_processes or '?'}"
-    watchdog = _Watchdog(timeout_s, f"apb_jax.distributed: {who} is still waiting for the other processes at the "
-                                    f"coordinator {coordinator or '(detected)'} after ~{{:.0f}} s (timeout {timeout_s} s). "
-                                    f"JAX will stop this process at the timeout.  Check that exactly "
-                                    f"--num-processes={num_processes} processes were started, each with a distinct "
-                                    f"--process-id in 0..{(num_processes or 1) - 1} and the same --coordinator, and "
-                                    f"that they can reach it.")
+    watchdog = _Watchdog(
+        timeout_s,
+        f"apb_jax.distributed: {who} is still waiting for the other processes at the "
+        f"coordinator {coordinator or '(detected)'} after ~{{:.0f}} s (timeout {timeout_s} s). "
+        f"JAX will stop this process at the timeout.  Check that exactly "
+        f"--num-processes={num_processes} processes were started, each with a distinct "
+        f"--process-id in 0..{(num_processes or 1) - 1} and the same --coordinator, and "
+        f"that they can reach it.",
+    )
     try:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id, local_device_ids=local_ids,
-                                   initialization_timeout=int(timeout_s))
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            local_device_ids=local_ids,
+            initialization_timeout=int(timeout_s),
+        )
     except (ValueError, RuntimeError) as e:
         raise RuntimeError(f"jax.distributed.initialize failed for {who} (coordinator {coordinator}): {e}") from e
     finally:
@@ -146,8 +184,10 @@ def process_count() -> int:
 
 def describe() -> str:
     """One line: processes, local and global devices (for logs)."""
-    return (f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
-            f"{jax.device_count()} {jax.devices()[0].platform} devices")
+    return (
+        f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
+        f"{jax.device_count()} {jax.devices()[0].platform} devices"
+    )
 
 
 def shutdown() -> None:
@@ -227,13 +267,19 @@ def _set_local_devices(count: int, num_processes: int | None) -> list[int] | Non
     """CPU: `count` fake devices (jax_num_cpu_devices).  GPU: the ids of this process's `count` GPUs."""
     if _platform_hint() == "cpu":
         if _backends_started() and jax.local_device_count() != count:
-            raise RuntimeError(f"local_device_count={count} must be set before JAX starts its CPU backend (it has "
-                               f"{jax.local_device_count()} devices already): call apb_jax.distributed.initialize "
-                               f"first thing")
+            raise RuntimeError(
+                f"local_device_count={count} must be set before JAX starts its CPU backend (it has "
+                f"{jax.local_device_count()} devices already): call apb_jax.distributed.initialize "
+                f"first thing"
+            )
         jax.config.update("jax_num_cpu_devices", count)
         return None
-    rank = int(os.environ.get("SLURM_LOCALID") or os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK")
-               or os.environ.get("LOCAL_RANK") or 0)
+    rank = int(
+        os.environ.get("SLURM_LOCALID")
+        or os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK")
+        or os.environ.get("LOCAL_RANK")
+        or 0
+    )
     return list(range(rank * count, (rank + 1) * count))
 
 
@@ -248,9 +294,11 @@ def _wait_reachable(host: str, port: int, timeout_s: float, process_id) -> None:
         except OSError as e:
             last = e
             time.sleep(0.25)
-    raise RuntimeError(f"process {process_id} could not reach the coordinator {host}:{port} within {timeout_s} s "
-                       f"({last}). Start process 0 with the same --coordinator (it listens on that port), check the "
-                       f"host name/port and firewalls, or raise --init-timeout.")
+    raise RuntimeError(
+        f"process {process_id} could not reach the coordinator {host}:{port} within {timeout_s} s "
+        f"({last}). Start process 0 with the same --coordinator (it listens on that port), check the "
+        f"host name/port and firewalls, or raise --init-timeout."
+    )
 
 
 def _check_bindable(port: int, coordinator: str) -> None:
@@ -264,8 +312,9 @@ def _check_bindable(port: int, coordinator: str) -> None:
             s.bind((addr, port))
             return
         except OSError as e:
-            raise RuntimeError(f"process 0 cannot listen on port {port} of --coordinator {coordinator} ({e}): pick a "
-                               f"free port") from None
+            raise RuntimeError(
+                f"process 0 cannot listen on port {port} of --coordinator {coordinator} ({e}): pick a free port"
+            ) from None
         finally:
             s.close()
 
@@ -294,4 +343,3 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-

@@ -7,6 +7,7 @@ the sequence (positions L..L+Q-1): every host attends it to its own cache, an al
 merge give exact attention over the whole cache, and only the last host keeps the new K/V (its "tail").  Decoding
 repeats that one token at a time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,17 @@ from jax.sharding import PartitionSpec as P
 from apb_jax.compression import RetainingHeads
 from apb_jax.config import APBConfig
 from apb_jax.model import Model
-from apb_jax.parallel import (Layout, MeshCollectives, global_array, host_rows, make_layout, make_mesh, replicate,
-                              run_hosts, to_host)
+from apb_jax.parallel import (
+    Layout,
+    MeshCollectives,
+    global_array,
+    host_rows,
+    make_layout,
+    make_mesh,
+    replicate,
+    run_hosts,
+    to_host,
+)
 from apb_jax.strategies import REGISTRY
 from apb_jax.strategies.base import HostCtx, local_positions, merge, merge_all, partial_attention
 
@@ -80,10 +90,21 @@ class Engine:
     (jax.vmap with axis_name "sp": same per-host program, used for accuracy runs on one GPU).
     """
 
-    def __init__(self, model: Model, strategy: str = "full", devices: int | None = None, anchor_len: int | None = None,
-                 passing_len: int | None = None, compressor: str | None = None, retaining_heads: Any = None,
-                 q_insert: int = 16, pool_kernel: int = 5, mode: str = "mesh", kernel_backend: str | None = None,
-                 mesh=None):
+    def __init__(
+        self,
+        model: Model,
+        strategy: str = "full",
+        devices: int | None = None,
+        anchor_len: int | None = None,
+        passing_len: int | None = None,
+        compressor: str | None = None,
+        retaining_heads: Any = None,
+        q_insert: int = 16,
+        pool_kernel: int = 5,
+        mode: str = "mesh",
+        kernel_backend: str | None = None,
+        mesh=None,
+    ):
         if not isinstance(model, Model):
             raise TypeError(f"model must be an apb_jax Model (from apb_jax.load); got {type(model).__name__}")
         if mode not in ("mesh", "vmap"):
@@ -91,10 +112,20 @@ class Engine:
         if compressor is None:
             compressor = "retaining_heads" if retaining_heads is not None else "query_aware"
         if devices is None:
-            devices = 1 if strategy == "full" else (mesh.size if mesh is not None else
-                                                     (jax.device_count() if mode == "mesh" else 4))
-        self.config = APBConfig(strategy=strategy, devices=devices, anchor_len=anchor_len, passing_len=passing_len,
-                                compressor=compressor, q_insert=q_insert, pool_kernel=pool_kernel)
+            devices = (
+                1
+                if strategy == "full"
+                else (mesh.size if mesh is not None else (jax.device_count() if mode == "mesh" else 4))
+            )
+        self.config = APBConfig(
+            strategy=strategy,
+            devices=devices,
+            anchor_len=anchor_len,
+            passing_len=passing_len,
+            compressor=compressor,
+            q_insert=q_insert,
+            pool_kernel=pool_kernel,
+        )
         self.model = model
         self.mode = mode
         self.kernel_backend = kernel_backend
@@ -121,8 +152,16 @@ class Engine:
 
     def layout(self, doc_len: int, query_len: int) -> Layout:
         c = self.config
-        return make_layout(c.strategy, c.devices, doc_len, query_len, anchor_len=c.anchor_len,
-                           passing_len=c.passing_len, q_insert=c.q_insert, compressor=c.compressor)
+        return make_layout(
+            c.strategy,
+            c.devices,
+            doc_len,
+            query_len,
+            anchor_len=c.anchor_len,
+            passing_len=c.passing_len,
+            q_insert=c.q_insert,
+            compressor=c.compressor,
+        )
 
     def prefill(self, doc_ids, query_ids, *, extra_tail: int = 0, doc_logits: bool = False) -> PrefillOutput:
         """Document prefill (sequence-parallel) + the query at the end.  Returns the cache and next-token logits."""
@@ -131,9 +170,16 @@ class Engine:
         tokens, positions = host_rows(lay, doc, query, pad_id=self.model.config.pad_token_id or 0)
         tail = _round_up(query.shape[1] + max(extra_tail, 1), 16)
         compile_s = 0.0
-        fn, dt = self._get(("prefill", lay, doc.shape[0], doc_logits), self._build_prefill, lay, doc_logits,
-                           self.params, self.heads, global_array(tokens, self.mesh, SEQ),
-                           global_array(positions, self.mesh, SEQ))
+        fn, dt = self._get(
+            ("prefill", lay, doc.shape[0], doc_logits),
+            self._build_prefill,
+            lay,
+            doc_logits,
+            self.params,
+            self.heads,
+            global_array(tokens, self.mesh, SEQ),
+            global_array(positions, self.mesh, SEQ),
+        )
         compile_s += dt
         args = (self.params, self.heads, global_array(tokens, self.mesh, SEQ), global_array(positions, self.mesh, SEQ))
         t0 = time.perf_counter()
@@ -152,8 +198,17 @@ class Engine:
         logits, q_s, c_s = self._step(cache, query)
         return PrefillOutput(cache, logits, all_logits, doc_s, q_s, compile_s + c_s)
 
-    def generate(self, doc_ids, query_ids, max_new_tokens: int = 16, *, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stop_tokens: Sequence[int] | None = None) -> GenerateOutput:
+    def generate(
+        self,
+        doc_ids,
+        query_ids,
+        max_new_tokens: int = 16,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_tokens: Sequence[int] | None = None,
+    ) -> GenerateOutput:
         """Prefill, then decode up to `max_new_tokens` tokens (greedy by default; temperature/top-p sampling with
         `seed`).  Stops a row at any of `stop_tokens` (default: the model's eos ids)."""
         if max_new_tokens < 1:
@@ -185,8 +240,15 @@ class Engine:
                     done[i] = t in stops
         dec_s = time.perf_counter() - t0 - (compile_s - pre.compile_seconds)  # compiles are reported apart
         tokens = rows[0] if one_d else rows
-        return GenerateOutput(tokens, pre.doc_prefill_seconds + pre.query_seconds, dec_s, compile_s,
-                              pre.doc_prefill_seconds, pre.cache.layout, pre.logits)
+        return GenerateOutput(
+            tokens,
+            pre.doc_prefill_seconds + pre.query_seconds,
+            dec_s,
+            compile_s,
+            pre.doc_prefill_seconds,
+            pre.cache.layout,
+            pre.logits,
+        )
 
     # ------------------------------------------------------------------------------------------- programs
 
@@ -194,7 +256,7 @@ class Engine:
         """A compiled program for `key` (AOT: lower + compile once, timed)."""
         if key in self._compiled:
             return self._compiled[key], 0.0
-        *static, = builder_args[:2]
+        (*static,) = builder_args[:2]
         fn = builder(*static)
         t0 = time.perf_counter()
         compiled = fn.lower(*builder_args[2:]).compile()
@@ -203,8 +265,14 @@ class Engine:
         return compiled, dt
 
     def host_ctx(self, lay: Layout, coll) -> HostCtx:
-        return HostCtx(layout=lay, coll=coll, compressor=self.config.compressor, heads=None,
-                       pool_kernel=self.config.pool_kernel, kernel_backend=self.kernel_backend)
+        return HostCtx(
+            layout=lay,
+            coll=coll,
+            compressor=self.config.compressor,
+            heads=None,
+            pool_kernel=self.config.pool_kernel,
+            kernel_backend=self.kernel_backend,
+        )
 
     def prefill_host_fn(self, lay: Layout, coll, doc_logits: bool = False):
         """The per-host prefill program (what host h runs): (params, heads, tokens [b, A+B], positions) ->
@@ -217,9 +285,9 @@ class Engine:
             module = nnx.merge(graphdef, params)
             ctx = dataclasses.replace(base_ctx, heads=heads)
             hidden, (k, v) = module(tokens, positions, strategy(ctx), rope_seq_len=total)
-            out = (k[:, :, lay.anchor:], v[:, :, lay.anchor:])
+            out = (k[:, :, lay.anchor :], v[:, :, lay.anchor :])
             if doc_logits:
-                out = out + (module.lm_logits(hidden[:, lay.anchor:]),)
+                out = out + (module.lm_logits(hidden[:, lay.anchor :]),)
             return out
 
         return host
@@ -265,19 +333,28 @@ class Engine:
 
     def _build_step(self, lay: Layout, _unused=None):
         host = self.step_host_fn(lay, MeshCollectives(lay.hosts))
-        fn = run_hosts(host, self.mesh, lay.hosts, (REPL, CACHE, CACHE, CACHE, CACHE, REPL, REPL),
-                       (CACHE, CACHE, REPL), self.mode)
+        fn = run_hosts(
+            host, self.mesh, lay.hosts, (REPL, CACHE, CACHE, CACHE, CACHE, REPL, REPL), (CACHE, CACHE, REPL), self.mode
+        )
         return jax.jit(fn, donate_argnums=(3, 4))
 
     def _step(self, cache: Cache, tokens: np.ndarray):
         """Run new tokens [b, t] through the step program; returns (logits np [b, V], seconds, compile seconds)."""
         t = tokens.shape[1]
         if cache.used + t > cache.tail_k.shape[2] // cache.layout.hosts:
-            raise ValueError(f"the cache tail is full ({cache.used} + {t} tokens > capacity "
-                             f"{cache.tail_k.shape[2] // cache.layout.hosts}); raise max_new_tokens at prefill")
-        args = (self.params, cache.doc_k, cache.doc_v, cache.tail_k, cache.tail_v,
-                global_array(np.asarray(tokens, np.int32), self.mesh, REPL),
-                global_array(np.int32(cache.used), self.mesh, REPL))
+            raise ValueError(
+                f"the cache tail is full ({cache.used} + {t} tokens > capacity "
+                f"{cache.tail_k.shape[2] // cache.layout.hosts}); raise max_new_tokens at prefill"
+            )
+        args = (
+            self.params,
+            cache.doc_k,
+            cache.doc_v,
+            cache.tail_k,
+            cache.tail_v,
+            global_array(np.asarray(tokens, np.int32), self.mesh, REPL),
+            global_array(np.int32(cache.used), self.mesh, REPL),
+        )
         key = ("step", cache.layout, tokens.shape, cache.tail_k.shape)
         fn, c_s = self._get(key, self._build_step, cache.layout, None, *args)
         t0 = time.perf_counter()
@@ -312,8 +389,10 @@ def _as_batch(doc_ids, query_ids, vocab: int):
     doc = np.asarray(doc_ids)
     query = np.asarray(query_ids)
     if doc.ndim not in (1, 2) or query.ndim != doc.ndim:
-        raise ValueError(f"doc_ids and query_ids must both be 1-D (one prompt) or 2-D [batch, len]; got shapes "
-                         f"{doc.shape} and {query.shape}")
+        raise ValueError(
+            f"doc_ids and query_ids must both be 1-D (one prompt) or 2-D [batch, len]; got shapes "
+            f"{doc.shape} and {query.shape}"
+        )
     if doc.ndim == 1:
         doc, query = doc[None], query[None]
     if doc.shape[0] != query.shape[0]:

@@ -9,6 +9,7 @@ its device count.  Process 0's output is streamed; the others' goes to log files
 Each child runs in its own process group; all of them are stopped when one fails, at the time limit, or on
 Ctrl-C.  JAX's runtime does the rest: this is a starter, not a protocol.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,23 +28,39 @@ from apb_jax import distributed as dist
 
 _REPO = str(Path(__file__).resolve().parents[1])
 # join the run before the CLI starts, so any subcommand runs multi-process (initialize is idempotent)
-_CLI = ("import sys; from apb_jax import distributed; distributed.initialize(); "
-        "from apb_jax.cli import main; sys.exit(main())")
+_CLI = (
+    "import sys; from apb_jax import distributed; distributed.initialize(); "
+    "from apb_jax.cli import main; sys.exit(main())"
+)
 DEFAULT_TIMEOUT_S = 3600
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the launcher's flags and the command after `--` to a (sub)parser."""
     parser.add_argument("--processes", type=int, default=2, metavar="N", help="processes to start (default 2)")
-    parser.add_argument("--devices-per-process", type=int, default=1, metavar="D",
-                        help="fake CPU devices per process (default 1)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
-                        help=f"stop every process after S seconds (default {DEFAULT_TIMEOUT_S})")
-    parser.add_argument("--init-timeout", type=int, default=120, metavar="S",
-                        help="seconds the processes wait for each other at start-up (default 120)")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="after `--`: an apb-jax subcommand with its flags (e.g. `generate ...`), a script "
-                             "`file.py ...`, or `-m module ...`")
+    parser.add_argument(
+        "--devices-per-process", type=int, default=1, metavar="D", help="fake CPU devices per process (default 1)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=f"stop every process after S seconds (default {DEFAULT_TIMEOUT_S})",
+    )
+    parser.add_argument(
+        "--init-timeout",
+        type=int,
+        default=120,
+        metavar="S",
+        help="seconds the processes wait for each other at start-up (default 120)",
+    )
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="after `--`: an apb-jax subcommand with its flags (e.g. `generate ...`), a script "
+        "`file.py ...`, or `-m module ...`",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -51,8 +68,13 @@ def main(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    return launch(command, args.processes, args.devices_per_process, args.timeout,
-                  init_timeout_s=getattr(args, "init_timeout", 120))
+    return launch(
+        command,
+        args.processes,
+        args.devices_per_process,
+        args.timeout,
+        init_timeout_s=getattr(args, "init_timeout", 120),
+    )
 
 
 def child_command(argv: Sequence[str]) -> list[str]:
@@ -65,8 +87,14 @@ def child_command(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-u", "-c", _CLI, *argv]
 
 
-def child_env(process_id: int, processes: int, devices_per_process: int, coordinator: str,
-              init_timeout_s: int | None = None, base: dict | None = None) -> dict:
+def child_env(
+    process_id: int,
+    processes: int,
+    devices_per_process: int,
+    coordinator: str,
+    init_timeout_s: int | None = None,
+    base: dict | None = None,
+) -> dict:
     env = dict(os.environ if base is None else base)
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).split()
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
@@ -82,8 +110,15 @@ def child_env(process_id: int, processes: int, devices_per_process: int, coordin
     return env
 
 
-def launch(argv: Sequence[str], processes: int, devices_per_process: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S,
-           *, init_timeout_s: int = 120, out=None) -> int:
+def launch(
+    argv: Sequence[str],
+    processes: int,
+    devices_per_process: int = 1,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    *,
+    init_timeout_s: int = 120,
+    out=None,
+) -> int:
     """Start `processes` local CPU processes of `devices_per_process` devices running `argv`; wait for all.
 
     Returns 0 when every process exits 0, the first failing process's exit code (128 + signal for a signal) when
@@ -109,16 +144,28 @@ def launch(argv: Sequence[str], processes: int, devices_per_process: int = 1, ti
         for i in range(processes):
             env = child_env(i, processes, devices_per_process, coordinator, init_timeout_s)
             if i == 0:
-                p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                p = subprocess.Popen(
+                    cmd,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
                 forwarder = threading.Thread(target=_forward, args=(p.stdout, out), daemon=True)
                 forwarder.start()
                 logs.append(None)
             else:
                 log = logdir / f"process{i}.log"
                 with open(log, "wb") as fh:
-                    p = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                    p = subprocess.Popen(
+                        cmd,
+                        env=env,
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
                 logs.append(log)
             procs.append(p)
         deadline = time.monotonic() + timeout_s
@@ -136,15 +183,18 @@ def launch(argv: Sequence[str], processes: int, devices_per_process: int = 1, ti
             if failed:
                 i, c = failed[0]
                 rc = 128 - c if c < 0 else c
-                shut_down(f"process {i} of {processes} failed ({_describe_code(c)}); stopped the others",
-                          only_failed=True)
+                shut_down(
+                    f"process {i} of {processes} failed ({_describe_code(c)}); stopped the others", only_failed=True
+                )
                 break
             if all(c == 0 for c in codes):
                 break
             if time.monotonic() > deadline:
                 rc = 124
-                shut_down(f"stopped all {processes} processes after the time limit of {timeout_s:g} s (--timeout)",
-                          only_failed=False)
+                shut_down(
+                    f"stopped all {processes} processes after the time limit of {timeout_s:g} s (--timeout)",
+                    only_failed=False,
+                )
                 break
             time.sleep(0.05)
     except KeyboardInterrupt:
@@ -199,8 +249,11 @@ def _show_logs(out, procs, logs, only_failed: bool, tail: int = 40):
         if only_failed and p.returncode in (0, None, -signal.SIGTERM, -signal.SIGKILL):
             continue
         lines = log.read_text(errors="replace").splitlines()[-tail:]
-        _say(out, f"--- process {i} ({_describe_code(p.returncode) if p.returncode is not None else 'running'}), "
-                  f"last {len(lines)} lines of {log}:")
+        _say(
+            out,
+            f"--- process {i} ({_describe_code(p.returncode) if p.returncode is not None else 'running'}), "
+            f"last {len(lines)} lines of {log}:",
+        )
         for line in lines:
             _say(out, f"[{i}] {line}")
 

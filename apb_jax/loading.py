@@ -3,6 +3,7 @@
 Params are read into host numpy arrays and made jax arrays one at a time with `jnp.asarray` (default device); the
 engine replicates them onto its mesh itself, so every process of a multi-host run can call `load` alike.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

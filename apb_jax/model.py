@@ -3,6 +3,7 @@
 Params live as an `nnx.State` so jitted functions take them as an ordinary pytree argument; `module()` rebuilds the
 NNX module (inside or outside jit) with `nnx.merge`.
 """
+
 from __future__ import annotations
 
 import dataclasses

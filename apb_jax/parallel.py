@@ -7,6 +7,7 @@ token array is `[batch, H * (A + B)]`, sharded over mesh axis "sp" along the seq
 `[h * (A + B), (h + 1) * (A + B))`.  All global arrays are built from host numpy data with
 `jax.make_array_from_callback`, so the same code runs when the mesh spans several processes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,10 @@ def make_mesh(n: int | None = None, devices=None) -> Mesh:
     devs = list(jax.devices() if devices is None else devices)
     n = len(devs) if n is None else n
     if not 1 <= n <= len(devs):
-        raise ValueError(f"devices={n} but {len(devs)} JAX device(s) are available "
-                         f"({devs[0].platform if devs else 'none'}); allowed: 1..{len(devs)}")
+        raise ValueError(
+            f"devices={n} but {len(devs)} JAX device(s) are available "
+            f"({devs[0].platform if devs else 'none'}); allowed: 1..{len(devs)}"
+        )
     return Mesh(np.array(devs[:n]), (AXIS,))
 
 
@@ -50,11 +53,13 @@ def _per_process_devices(n: int | None) -> list:
     n = total if n is None else n
     if n < 1 or n % procs or n // procs > local:
         allowed = [procs * k for k in range(1, local + 1)]
-        raise ValueError(f"devices={n} does not fit {procs} processes x {local} local "
-                         f"{jax.devices()[0].platform} device(s) ({total} in all): in a multi-process run every "
-                         f"process holds the same number of mesh devices, so devices must be a multiple of the "
-                         f"process count; allowed: {allowed}. Change --devices, or start more processes or more "
-                         f"devices per process (--devices-per-process / --local-device-count)")
+        raise ValueError(
+            f"devices={n} does not fit {procs} processes x {local} local "
+            f"{jax.devices()[0].platform} device(s) ({total} in all): in a multi-process run every "
+            f"process holds the same number of mesh devices, so devices must be a multiple of the "
+            f"process count; allowed: {allowed}. Change --devices, or start more processes or more "
+            f"devices per process (--devices-per-process / --local-device-count)"
+        )
     per = n // procs
     return [d for p in sorted(by_proc) for d in by_proc[p][:per]]
 
@@ -98,8 +103,17 @@ class Layout:
         return max(0, hi - lo)
 
 
-def make_layout(strategy: str, hosts: int, doc_len: int, query_len: int, *, anchor_len: int | None = None,
-                passing_len: int | None = None, q_insert: int = 16, compressor: str = "query_aware") -> Layout:
+def make_layout(
+    strategy: str,
+    hosts: int,
+    doc_len: int,
+    query_len: int,
+    *,
+    anchor_len: int | None = None,
+    passing_len: int | None = None,
+    q_insert: int = 16,
+    compressor: str = "query_aware",
+) -> Layout:
     """Validate lengths and fill in defaults (APB: A = L/32, P = L/64, clipped to valid ranges; Star: A = B)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is unknown; allowed: {STRATEGIES}")
@@ -132,22 +146,29 @@ def make_layout(strategy: str, hosts: int, doc_len: int, query_len: int, *, anch
     if anchor_len is None:
         a = min(max(math.ceil(doc_len / 32), need), block)
         if a < need:
-            raise ValueError(f"the query ({query_len} tokens) plus q_insert={q_insert} does not fit an anchor of at "
-                             f"most the block length {where}: need block >= {need}; use fewer devices or a "
-                             f"shorter query")
+            raise ValueError(
+                f"the query ({query_len} tokens) plus q_insert={q_insert} does not fit an anchor of at "
+                f"most the block length {where}: need block >= {need}; use fewer devices or a "
+                f"shorter query"
+            )
     else:
         a = anchor_len
         if a != 0 and not need <= a <= block:
-            raise ValueError(f"anchor_len={a} must be 0 or in [{need}, {block}] (q_insert {q_insert} + query "
-                             f"{query_len} tokens < anchor <= block) {where}")
+            raise ValueError(
+                f"anchor_len={a} must be 0 or in [{need}, {block}] (q_insert {q_insert} + query "
+                f"{query_len} tokens < anchor <= block) {where}"
+            )
     p = min(math.ceil(doc_len / 64), block) if passing_len is None else passing_len
     if not 0 <= p <= block:
         raise ValueError(f"passing_len={p} must be in [0, {block}] {where}")
     if a == 0 and p < block and p > 0 and compressor == "query_aware":
-        raise ValueError(f"compressor='query_aware' scores keys by the query rows inside the anchor, so it needs "
-                         f"anchor_len > 0 unless passing_len == block ({block}); got anchor_len=0, passing_len={p}")
-    return Layout(strategy, hosts, doc_len, query_len, block, anchor=a, passing=p, q_insert=q_insert,
-                  query_in_anchor=a > 0)
+        raise ValueError(
+            f"compressor='query_aware' scores keys by the query rows inside the anchor, so it needs "
+            f"anchor_len > 0 unless passing_len == block ({block}); got anchor_len=0, passing_len={p}"
+        )
+    return Layout(
+        strategy, hosts, doc_len, query_len, block, anchor=a, passing=p, q_insert=q_insert, query_in_anchor=a > 0
+    )
 
 
 def host_rows(layout: Layout, doc: np.ndarray, query: np.ndarray, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +185,7 @@ def host_rows(layout: Layout, doc: np.ndarray, query: np.ndarray, pad_id: int = 
     if a:
         if layout.query_in_anchor:
             qi = layout.q_insert
-            anchor = np.concatenate([doc[:, :qi], query, doc[:, qi: a - query.shape[1]]], axis=1)
+            anchor = np.concatenate([doc[:, :qi], query, doc[:, qi : a - query.shape[1]]], axis=1)
         else:
             anchor = doc[:, :a]
         assert anchor.shape[1] == a, (anchor.shape, a)
@@ -174,7 +195,7 @@ def host_rows(layout: Layout, doc: np.ndarray, query: np.ndarray, pad_id: int = 
         if a:
             tokens[:, host, :a] = anchor
             pos[:, host, :a] = np.arange(a)
-        tokens[:, host, a:] = padded[:, host * b:(host + 1) * b]
+        tokens[:, host, a:] = padded[:, host * b : (host + 1) * b]
         pos[:, host, a:] = host * b + np.arange(b)
     return tokens.reshape(bsz, -1), pos.reshape(bsz, -1)
 
@@ -242,13 +263,19 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     def put(x):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
-        if isinstance(x, jax.Array) and x.is_fully_addressable and len(mesh.devices.flat) == len(jax.devices()) \
-                and jax.process_count() == 1:
+        if (
+            isinstance(x, jax.Array)
+            and x.is_fully_addressable
+            and len(mesh.devices.flat) == len(jax.devices())
+            and jax.process_count() == 1
+        ):
             return jax.device_put(x, sharding)
         if isinstance(x, jax.Array) and not x.is_fully_addressable:  # a global array of another mesh
             if not x.is_fully_replicated:
-                raise ValueError(f"replicate() got an array of shape {x.shape} sharded across processes "
-                                 f"({x.sharding}); pass host data or a replicated array")
+                raise ValueError(
+                    f"replicate() got an array of shape {x.shape} sharded across processes "
+                    f"({x.sharding}); pass host data or a replicated array"
+                )
             x = x.addressable_data(0)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
@@ -274,10 +301,10 @@ def run_hosts(fn: Callable, mesh: Mesh | None, hosts: int, in_specs, out_specs, 
     vfn = jax.vmap(fn, in_axes=in_axes, out_axes=out_axes, axis_name=AXIS, axis_size=hosts)
 
     def split(x, ax):  # global [.., H*n, ..] -> [.., H, n, ..]
-        return x if ax is None else x.reshape(*x.shape[:ax], hosts, x.shape[ax] // hosts, *x.shape[ax + 1:])
+        return x if ax is None else x.reshape(*x.shape[:ax], hosts, x.shape[ax] // hosts, *x.shape[ax + 1 :])
 
     def join(x, ax):
-        return x if ax is None else x.reshape(*x.shape[:ax], x.shape[ax] * x.shape[ax + 1], *x.shape[ax + 2:])
+        return x if ax is None else x.reshape(*x.shape[:ax], x.shape[ax] * x.shape[ax + 1], *x.shape[ax + 2 :])
 
     def wrapped(*args):
         args = jax.tree_util.tree_map(split, args, _broadcast_axes(in_axes, args), is_leaf=_is_array)
@@ -293,6 +320,7 @@ def _is_array(x):
 
 def _broadcast_axes(axes, tree):
     """Expand a prefix tree of axes (ints/None) to the full structure of `tree`."""
+
     def rec(ax, sub):
         if ax is None or isinstance(ax, int):
             return jax.tree_util.tree_map(lambda _: ax, sub, is_leaf=_is_array)
@@ -305,6 +333,7 @@ def _broadcast_axes(axes, tree):
 
 def _host_axes(specs):
     """P() -> None (replicated, broadcast to every host); P(..., 'sp', ...) -> the index of that dimension."""
+
     def one(spec):
         for i, s in enumerate(spec):
             if s == AXIS:

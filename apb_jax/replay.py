@@ -12,6 +12,7 @@ there is no second copy of any strategy's code:
 
 Shapes: tokens/positions of one host [batch, A + B]; the prefill returns that host's k, v [layers, batch, B, KVH, D].
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -23,8 +24,18 @@ from jax.sharding import PartitionSpec as P
 
 from apb_jax.parallel import AXIS, Layout, MeshCollectives, ReplayCollectives, global_array, host_rows, run_hosts
 
-__all__ = ["ReplayCollectives", "RecordingCollectives", "ScriptedCollectives", "busiest_host", "host_inputs",
-           "record_prefill", "replay_prefill", "replay_prefill_fn", "replay_step_fn", "on_device"]
+__all__ = [
+    "ReplayCollectives",
+    "RecordingCollectives",
+    "ScriptedCollectives",
+    "busiest_host",
+    "host_inputs",
+    "record_prefill",
+    "replay_prefill",
+    "replay_prefill_fn",
+    "replay_step_fn",
+    "on_device",
+]
 
 
 def busiest_host(layout: Layout) -> int:
@@ -45,6 +56,7 @@ def host_inputs(layout: Layout, doc: np.ndarray, query: np.ndarray, host: int, p
 
 def on_device(tree: Any, device) -> Any:
     """Put a pytree on one device; arrays already there (alone) are left as they are (no copy)."""
+
     def put(x):
         if isinstance(x, jax.Array) and x.sharding.device_set == {device}:
             return x
@@ -127,8 +139,9 @@ class ScriptedCollectives:
     def all_gather(self, x):
         rec = jnp.asarray(self._next(x))
         if rec.shape != (self.size, *x.shape):
-            raise ValueError(f"recorded all_gather result has shape {rec.shape}; this call needs "
-                             f"{(self.size, *x.shape)}")
+            raise ValueError(
+                f"recorded all_gather result has shape {rec.shape}; this call needs {(self.size, *x.shape)}"
+            )
         return rec.astype(x.dtype)
 
     def ppermute_next(self, x):
@@ -155,10 +168,10 @@ def record_prefill(engine, doc_ids, query_ids):
         k, v = inner(params, heads, toks, pos)
         return k, v, [jax.tree_util.tree_map(lambda r: r[None], r) for r in rec.records]
 
-    fn = jax.jit(run_hosts(host, engine.mesh, lay.hosts, (REPL, REPL, SEQ, SEQ), (CACHE, CACHE, P(AXIS)),
-                           engine.mode))
-    k, v, recs = fn(engine.params, engine.heads, global_array(tokens, engine.mesh, SEQ),
-                    global_array(positions, engine.mesh, SEQ))
+    fn = jax.jit(run_hosts(host, engine.mesh, lay.hosts, (REPL, REPL, SEQ, SEQ), (CACHE, CACHE, P(AXIS)), engine.mode))
+    k, v, recs = fn(
+        engine.params, engine.heads, global_array(tokens, engine.mesh, SEQ), global_array(positions, engine.mesh, SEQ)
+    )
     recs = [jax.tree_util.tree_map(to_host_sharded, r) for r in recs]
     per_host = [[jax.tree_util.tree_map(lambda a: a[h], r) for r in recs] for h in range(lay.hosts)]
     return to_host_sharded(k), to_host_sharded(v), per_host

@@ -41,6 +41,7 @@ its first one.
 supervision, APB_SPEC.md §10) and returns `tokens` with a `loss_mask` over the answers.
 `score`/`accuracy` are exact match.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -63,8 +64,22 @@ from apb_jax.tokenizer import (
 
 TASKS: tuple[str, ...] = ("passkey", "multikey_niah", "variable_tracking")
 SYSTEM_PREFIX: tuple[str, ...] = (
-    "<s>", "SYS", ":", "read", "the", "text", "and", "remember", "every",
-    "KEY", ",", "VAR", "and", "PASSKEY", ".", "TXT",
+    "<s>",
+    "SYS",
+    ":",
+    "read",
+    "the",
+    "text",
+    "and",
+    "remember",
+    "every",
+    "KEY",
+    ",",
+    "VAR",
+    "and",
+    "PASSKEY",
+    ".",
+    "TXT",
 )
 PREFIX_IDS = np.array([token_id(w) for w in SYSTEM_PREFIX], np.int32)
 PREFIX_LEN = len(SYSTEM_PREFIX)  # 16 == APB's default q_insert
@@ -179,8 +194,7 @@ def _vt_items(rng: np.random.Generator, hops: Sequence[int]) -> list[_Item]:
     total_vars = sum(h + 1 for h in hops)
     if total_vars > len(VAR_NAMES):
         raise ValueError(
-            f"variable tracking needs {total_vars} variables (chains x (num_hops + 1)), "
-            f"at most {len(VAR_NAMES)} exist"
+            f"variable tracking needs {total_vars} variables (chains x (num_hops + 1)), at most {len(VAR_NAMES)} exist"
         )
     names = _VAR_IDS[rng.choice(len(VAR_NAMES), size=total_vars, replace=False)]
     values = _values(rng, len(hops))
@@ -244,9 +258,7 @@ def _assemble(
     return doc, positions
 
 
-def _example(
-    task: str, rng: np.random.Generator, length: int, depth: float | None, items: list[_Item]
-) -> Example:
+def _example(task: str, rng: np.random.Generator, length: int, depth: float | None, items: list[_Item]) -> Example:
     """items[0] is the queried needle, placed at `depth`; the others at random depths."""
     _check_depth(depth)
     depth = float(rng.uniform()) if depth is None else float(depth)
@@ -275,9 +287,7 @@ def passkey(rng: np.random.Generator, length: int, depth: float | None = None) -
     return _example("passkey", rng, length, depth, _passkey_items(rng, 1))
 
 
-def multikey_niah(
-    rng: np.random.Generator, length: int, depth: float | None = None, num_keys: int = 4
-) -> Example:
+def multikey_niah(rng: np.random.Generator, length: int, depth: float | None = None, num_keys: int = 4) -> Example:
     """`num_keys` needles `KEY k1 k2 d1..d5 .`; the one at `depth` is asked (`QRY KEY k1 k2`).
 
     length: document tokens (exact), >= PREFIX_LEN + 9 * num_keys. num_keys: in [1, 1560].
@@ -314,17 +324,13 @@ def _check_task(task: str) -> None:
         raise ValueError(f"task={task!r} is not one of {TASKS}")
 
 
-def generate(
-    task: str, rng: np.random.Generator, length: int, depth: float | None = None, **kwargs
-) -> Example:
+def generate(task: str, rng: np.random.Generator, length: int, depth: float | None = None, **kwargs) -> Example:
     """One example of `task` (one of TASKS); kwargs go to the task's generator."""
     _check_task(task)
     return _GENERATORS[task](rng, length, depth, **kwargs)
 
 
-def make_examples(
-    task: str, seed: int, num: int, length: int, depth: float | None = None, **kwargs
-) -> list[Example]:
+def make_examples(task: str, seed: int, num: int, length: int, depth: float | None = None, **kwargs) -> list[Example]:
     """`num` examples; example i uses `np.random.default_rng([seed, i])`, so it does not
     depend on `num`. depth=None draws each example's depth uniformly."""
     _check_task(task)
@@ -476,7 +482,21 @@ def accuracy(predictions: Sequence, answers: Sequence) -> float:
 
 
 __all__ = [
-    "TASKS", "SYSTEM_PREFIX", "PREFIX_IDS", "PREFIX_LEN", "VALUE_DIGITS", "BOS_ID", "EOS_ID",
-    "Example", "Batch", "passkey", "multikey_niah", "variable_tracking", "generate",
-    "make_examples", "sample_batch", "score", "accuracy",
+    "TASKS",
+    "SYSTEM_PREFIX",
+    "PREFIX_IDS",
+    "PREFIX_LEN",
+    "VALUE_DIGITS",
+    "BOS_ID",
+    "EOS_ID",
+    "Example",
+    "Batch",
+    "passkey",
+    "multikey_niah",
+    "variable_tracking",
+    "generate",
+    "make_examples",
+    "sample_batch",
+    "score",
+    "accuracy",
 ]

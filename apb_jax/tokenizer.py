@@ -24,6 +24,7 @@ task generator puts it first) and answers their own `</s>`. Decoding joins token
 single spaces, so `decode(encode(text)) == text` for text in canonical form (one space
 between tokens, digits spaced).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,10 +40,46 @@ PUNCTUATION: tuple[str, ...] = (".", ",", ":", "=")
 KEYWORDS: tuple[str, ...] = ("SYS", "TXT", "KEY", "IS", "QRY", "ANS", "VAR", "PASSKEY")
 PREFIX_WORDS: tuple[str, ...] = ("read", "the", "text", "and", "remember", "every")
 KEY_WORDS: tuple[str, ...] = (
-    "apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "amber", "cedar", "delta",
-    "eagle", "flame", "grape", "honey", "ivory", "jade", "koala", "lemon", "mango", "noble",
-    "olive", "pearl", "quartz", "raven", "sugar", "tulip", "umber", "violet", "walnut", "xenon",
-    "yacht", "zebra", "birch", "coral", "frost", "glade", "harbor", "iris", "lotus", "meadow",
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "maple",
+    "ocean",
+    "amber",
+    "cedar",
+    "delta",
+    "eagle",
+    "flame",
+    "grape",
+    "honey",
+    "ivory",
+    "jade",
+    "koala",
+    "lemon",
+    "mango",
+    "noble",
+    "olive",
+    "pearl",
+    "quartz",
+    "raven",
+    "sugar",
+    "tulip",
+    "umber",
+    "violet",
+    "walnut",
+    "xenon",
+    "yacht",
+    "zebra",
+    "birch",
+    "coral",
+    "frost",
+    "glade",
+    "harbor",
+    "iris",
+    "lotus",
+    "meadow",
 )
 NUM_VAR_NAMES = 64
 VOCAB_SIZE = 512  # a multiple of 64 (embedding tables tile evenly)
@@ -199,9 +236,7 @@ def load_tokenizer(path: str | Path | None = None):
 
     path = Path(path) if path is not None else DEFAULT_ASSET_DIR
     if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"no tokenizer.json in {path}; build one with `python -m apb_jax.tokenizer {path}`"
-        )
+        raise FileNotFoundError(f"no tokenizer.json in {path}; build one with `python -m apb_jax.tokenizer {path}`")
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -18,6 +18,7 @@ targets, reported, never asserted) and a plot (accuracy vs length per task).
     python benchmarks/accuracy_bench.py --lengths 32768 --out $OUT/acc.json  # one GPU: H hosts by vmap
     python benchmarks/accuracy_bench.py --from-json a.json,b.json --out all.json  # one table + plot
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,54 +41,99 @@ K = 1024
 TASKS = ("passkey", "multikey_niah", "variable_tracking")
 STRATEGIES = ("full", "ring", "star", "apb-qa", "apb-rh")
 DEFAULT_HEADS = ROOT / "apb_jax" / "assets" / "retriever" / "retaining_heads.safetensors"
-TARGETS = {"full_min": {"passkey": 0.95, "multikey_niah": 0.95, "variable_tracking": 0.80},
-           "apb_max_gap_points": 2.0, "apb_gap_length": 32 * K, "apb_gap_hosts": 4}
+TARGETS = {
+    "full_min": {"passkey": 0.95, "multikey_niah": 0.95, "variable_tracking": 0.80},
+    "apb_max_gap_points": 2.0,
+    "apb_gap_length": 32 * K,
+    "apb_gap_hosts": 4,
+}
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true",
-                    help="CI check: lengths 256/512, 4 examples, 4 fake CPU devices, the random stand-in allowed")
-    ap.add_argument("--model", default=None,
-                    help="model directory (HF or converted); default: the shipped retriever (apb_jax/assets/retriever)")
-    ap.add_argument("--allow-random", action="store_true",
-                    help="run on the random stand-in model when no trained retriever is shipped (plumbing checks only)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI check: lengths 256/512, 4 examples, 4 fake CPU devices, the random stand-in allowed",
+    )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="model directory (HF or converted); default: the shipped retriever (apb_jax/assets/retriever)",
+    )
+    ap.add_argument(
+        "--allow-random",
+        action="store_true",
+        help="run on the random stand-in model when no trained retriever is shipped (plumbing checks only)",
+    )
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--tasks", default=None, help=f"default {','.join(TASKS)}")
     ap.add_argument("--lengths", default=None, help="document lengths in tokens (default 4096,8192,16384,32768)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"any of {','.join(STRATEGIES)}")
     ap.add_argument("--hosts", default="2,4", help="host counts of the sequence-parallel strategies")
-    ap.add_argument("--columns", default=None,
-                    help="explicit columns instead of strategies x hosts, e.g. full,ring:4,star:2,apb-qa:4")
+    ap.add_argument(
+        "--columns",
+        default=None,
+        help="explicit columns instead of strategies x hosts, e.g. full,ring:4,star:2,apb-qa:4",
+    )
     ap.add_argument("--num", type=int, default=None, help="examples per task and length (default 50)")
-    ap.add_argument("--batch", type=int, default=None,
-                    help="examples per Engine.generate call (default 10: 50 = 5 x 10, no padding)")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="examples per Engine.generate call (default 10: 50 = 5 x 10, no padding)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="example seed (make_examples(task, seed, num, length))")
-    ap.add_argument("--mode", default="auto", choices=("auto", "mesh", "vmap"),
-                    help="auto: mesh when jax.device_count() >= H, else vmap (H hosts on one device)")
-    ap.add_argument("--cpu-devices", type=int, default=None,
-                    help="run on the CPU with this many fake devices (set before jax starts)")
-    ap.add_argument("--retaining-heads", default=None,
-                    help=f"retaining-heads file for apb-rh (default: <model dir>/retaining_heads.safetensors, "
-                         f"i.e. {DEFAULT_HEADS.relative_to(ROOT)} for the shipped model)")
+    ap.add_argument(
+        "--mode",
+        default="auto",
+        choices=("auto", "mesh", "vmap"),
+        help="auto: mesh when jax.device_count() >= H, else vmap (H hosts on one device)",
+    )
+    ap.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="run on the CPU with this many fake devices (set before jax starts)",
+    )
+    ap.add_argument(
+        "--retaining-heads",
+        default=None,
+        help=f"retaining-heads file for apb-rh (default: <model dir>/retaining_heads.safetensors, "
+        f"i.e. {DEFAULT_HEADS.relative_to(ROOT)} for the shipped model)",
+    )
     ap.add_argument("--kernel-backend", default="auto", help="pallas_kernels backend (auto = fastest for the device)")
-    ap.add_argument("--precision", default="highest", choices=("highest", "default"),
-                    help="jax_default_matmul_precision (highest: float32 matmuls stay float32 on a GPU, no TF32)")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop once this much wall time is spent; what was done is written (status 'partial')")
+    ap.add_argument(
+        "--precision",
+        default="highest",
+        choices=("highest", "default"),
+        help="jax_default_matmul_precision (highest: float32 matmuls stay float32 on a GPU, no TF32)",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop once this much wall time is spent; what was done is written (status 'partial')",
+    )
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--out", default=None, help="JSON path (default <out-dir>/accuracy_<device>_<date>.json)")
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--from-json", default=None,
-                    help="comma-separated result JSONs (e.g. a CPU run and a GPU run): merge their cells into --out "
-                         "(default <out-dir>/accuracy_merged_<date>.json), recompute targets, table and plot")
+    ap.add_argument(
+        "--from-json",
+        default=None,
+        help="comma-separated result JSONs (e.g. a CPU run and a GPU run): merge their cells into --out "
+        "(default <out-dir>/accuracy_merged_<date>.json), recompute targets, table and plot",
+    )
     args = ap.parse_args(argv)
     # --smoke: 8 cells, every strategy and both host counts; a cell costs ~3.5 s on 2 CPU cores, nearly all of it
     # compiling its 3 programs (prefill, query step, decode step), so the task is the one with the longest answer
-    defaults = dict(lengths="256,512", tasks="variable_tracking", num=4, batch=4,
-                    columns="full,ring:4,star:2,apb-qa:4") if args.smoke else \
-        dict(lengths="4096,8192,16384,32768", tasks=",".join(TASKS), num=50, batch=10, columns=None)
+    defaults = (
+        dict(lengths="256,512", tasks="variable_tracking", num=4, batch=4, columns="full,ring:4,star:2,apb-qa:4")
+        if args.smoke
+        else dict(lengths="4096,8192,16384,32768", tasks=",".join(TASKS), num=50, batch=10, columns=None)
+    )
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -140,8 +186,9 @@ class Config:
 
 def configs(args) -> list[Config]:
     if args.columns:
-        return [Config("full", 1) if c == "full" else Config(c.split(":")[0], int(c.split(":")[1]))
-                for c in args.columns]
+        return [
+            Config("full", 1) if c == "full" else Config(c.split(":")[0], int(c.split(":")[1])) for c in args.columns
+        ]
     out = []
     for s in args.strategies:
         out += [Config("full", 1)] if s == "full" else [Config(s, h) for h in args.hosts]
@@ -179,16 +226,27 @@ def load_model(args):
         model, trained = default_model(args.dtype)
         source = _rel(ASSET) if trained else "random stand-in (apb_jax.demo.default_model)"
         if not trained and not args.allow_random:
-            raise SystemExit(f"accuracy_bench: no trained retriever in {ASSET} (config.json + model.safetensors), so "
-                             "the only model is the random stand-in, whose accuracy means nothing. Pass --model DIR, "
-                             "or --allow-random to run the plumbing anyway (the smoke test does)")
+            raise SystemExit(
+                f"accuracy_bench: no trained retriever in {ASSET} (config.json + model.safetensors), so "
+                "the only model is the random stand-in, whose accuracy means nothing. Pass --model DIR, "
+                "or --allow-random to run the plumbing anyway (the smoke test does)"
+            )
     import jax
 
     c = model.config
-    info = {"source": source, "trained": trained, "dtype": str(model.dtype), "layers": c.num_layers,
-            "hidden": c.hidden_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
-            "vocab": c.vocab_size, "rope_theta": c.rope.theta,
-            "params": int(sum(x.size for x in jax.tree_util.tree_leaves(model.params)))}
+    info = {
+        "source": source,
+        "trained": trained,
+        "dtype": str(model.dtype),
+        "layers": c.num_layers,
+        "hidden": c.hidden_size,
+        "heads": c.num_heads,
+        "kv_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab": c.vocab_size,
+        "rope_theta": c.rope.theta,
+        "params": int(sum(x.size for x in jax.tree_util.tree_leaves(model.params))),
+    }
     weights = Path(args.model or ASSET) / "model.safetensors"
     if trained and weights.is_file():  # which training run's weights these are
         info["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
@@ -220,7 +278,7 @@ def batches(examples, size: int):
         groups.setdefault((len(ex.query), len(ex.answer)), []).append(i)
     for idx in groups.values():
         for lo in range(0, len(idx), size):
-            yield idx[lo:lo + size]
+            yield idx[lo : lo + size]
 
 
 def run_cell(engine, examples, batch: int, deadline: float | None, progress=None) -> dict:
@@ -255,10 +313,15 @@ def run_cell(engine, examples, batch: int, deadline: float | None, progress=None
             progress.update(len(idx))
     done = [i for i in range(n) if preds[i] is not None]
     correct = sum(score(preds[i], examples[i]) for i in done)
-    cell = {"n": len(done), "correct": int(correct), "accuracy": correct / len(done) if done else None,
-            "predictions": preds, "wall_s": round(time.perf_counter() - t0, 3),
-            **{k: round(v, 4) for k, v in t.items()},
-            "prefill_s_per_example": round(t["prefill_s"] / max(len(done), 1), 5)}
+    cell = {
+        "n": len(done),
+        "correct": int(correct),
+        "accuracy": correct / len(done) if done else None,
+        "predictions": preds,
+        "wall_s": round(time.perf_counter() - t0, 3),
+        **{k: round(v, 4) for k, v in t.items()},
+        "prefill_s_per_example": round(t["prefill_s"] / max(len(done), 1), 5),
+    }
     if layout is not None:
         cell["layout"] = {"anchor": layout.anchor, "passing": layout.passing, "block": layout.block}
     if stopped:
@@ -267,8 +330,15 @@ def run_cell(engine, examples, batch: int, deadline: float | None, progress=None
 
 
 def cell_base(cfg: Config, task: str, length: int, info: dict) -> dict:
-    return {"task": task, "length": length, "label": cfg.label, "strategy": cfg.strategy,
-            "compressor": cfg.compressor, "hosts": cfg.hosts, "device": info["name"]}
+    return {
+        "task": task,
+        "length": length,
+        "label": cfg.label,
+        "strategy": cfg.strategy,
+        "compressor": cfg.compressor,
+        "hosts": cfg.hosts,
+        "device": info["name"],
+    }
 
 
 def make_engine(cfg: Config, model, args, heads_file: Path, backend):
@@ -280,8 +350,15 @@ def make_engine(cfg: Config, model, args, heads_file: Path, backend):
     kw = {}
     if cfg.compressor == "retaining_heads":
         kw["retaining_heads"] = str(heads_file)
-    eng = Engine(model, cfg.strategy, devices=cfg.hosts, compressor=cfg.compressor if cfg.strategy == "apb" else None,
-                 mode=mode, kernel_backend=backend, **kw)
+    eng = Engine(
+        model,
+        cfg.strategy,
+        devices=cfg.hosts,
+        compressor=cfg.compressor if cfg.strategy == "apb" else None,
+        mode=mode,
+        kernel_backend=backend,
+        **kw,
+    )
     return eng, mode
 
 
@@ -304,11 +381,23 @@ def disagreements(cells: list[dict]) -> list[dict]:
         f = full.get((c["task"], c["length"]))
         if c["label"] == "full" or f is None or not c.get("predictions"):
             continue
-        pairs = [(i, a, b) for i, (a, b) in enumerate(zip(c["predictions"], f["predictions"]))
-                 if a is not None and b is not None]
+        pairs = [
+            (i, a, b)
+            for i, (a, b) in enumerate(zip(c["predictions"], f["predictions"]))
+            if a is not None and b is not None
+        ]
         diff = [i for i, a, b in pairs if a != b]
-        out.append({"task": c["task"], "length": c["length"], "label": c["label"], "vs": "full",
-                    "compared": len(pairs), "count": len(diff), "examples": diff[:20]})
+        out.append(
+            {
+                "task": c["task"],
+                "length": c["length"],
+                "label": c["label"],
+                "vs": "full",
+                "compared": len(pairs),
+                "count": len(diff),
+                "examples": diff[:20],
+            }
+        )
     return out
 
 
@@ -318,12 +407,17 @@ def targets(cells: list[dict], dis: list[dict]) -> dict:
     t = {}
     for task, lo in TARGETS["full_min"].items():
         got = {f"{L}": a for (tk, L, lab), a in sorted(acc.items()) if tk == task and lab == "full"}
-        t[f"full_{task}_ge_{round(lo * 100)}"] = {"target_min": lo, "got": got,
-                                                  "met": None if not got else all(a >= lo for a in got.values())}
+        t[f"full_{task}_ge_{round(lo * 100)}"] = {
+            "target_min": lo,
+            "got": got,
+            "met": None if not got else all(a >= lo for a in got.values()),
+        }
     ring = [d for d in dis if d["label"].startswith("ring")]
-    t["ring_equals_full"] = {"what": "ring's answers equal full's on every example",
-                             "got": {f"{d['task']}@{d['length']} {d['label']}": d["count"] for d in ring},
-                             "met": None if not ring else all(d["count"] == 0 for d in ring)}
+    t["ring_equals_full"] = {
+        "what": "ring's answers equal full's on every example",
+        "got": {f"{d['task']}@{d['length']} {d['label']}": d["count"] for d in ring},
+        "met": None if not ring else all(d["count"] == 0 for d in ring),
+    }
     L, H = TARGETS["apb_gap_length"], TARGETS["apb_gap_hosts"]
     for name in ("apb-qa", "apb-rh"):
         got = {}
@@ -332,8 +426,10 @@ def targets(cells: list[dict], dis: list[dict]) -> dict:
             if f is not None and a is not None:
                 got[task] = round(100 * (f - a), 2)
         t[f"{name}_H{H}_within_{TARGETS['apb_max_gap_points']:g}pts_of_full_at_{L // K}K"] = {
-            "what": "full minus apb accuracy, points", "got": got,
-            "met": None if len(got) < len(TASKS) else all(g <= TARGETS["apb_max_gap_points"] for g in got.values())}
+            "what": "full minus apb accuracy, points",
+            "got": got,
+            "met": None if len(got) < len(TASKS) else all(g <= TARGETS["apb_max_gap_points"] for g in got.values()),
+        }
     for name in ("apb-qa", "apb-rh"):
         got = {}
         for (task, length, lab), a in sorted(acc.items()):
@@ -343,8 +439,10 @@ def targets(cells: list[dict], dis: list[dict]) -> dict:
             if s is not None:
                 got[f"{length} {lab.split()[1]}"] = {"apb": a, "star": s}
         t[f"{name}_beats_star_on_variable_tracking"] = {
-            "what": "apb accuracy > star accuracy on variable tracking (each length and host count)", "got": got,
-            "met": None if not got else all(v["apb"] > v["star"] for v in got.values())}
+            "what": "apb accuracy > star accuracy on variable tracking (each length and host count)",
+            "got": got,
+            "met": None if not got else all(v["apb"] > v["star"] for v in got.values()),
+        }
     return t
 
 
@@ -372,32 +470,48 @@ def print_table(doc: dict) -> None:
             if c.get("skipped") and c["skipped"] != "time budget":
                 return "skip"  # e.g. no retaining-heads file (see the notes)
             return "ERR" if c.get("error") else None
+
         return get
 
     cols = [("task", "s", lambda r: r["task"]), ("length", "d", lambda r: r["length"])]
     cols += [(lab, "s", acc(lab)) for lab in labels]
     n = sorted({c["n"] for c in cells if c.get("n")})
-    print(f"accuracy % (exact match; n = {'/'.join(map(str, n)) or '-'} examples per cell; '-' not run (time "
-          f"budget), '*' cut short by it, 'skip' see notes)")
+    print(
+        f"accuracy % (exact match; n = {'/'.join(map(str, n)) or '-'} examples per cell; '-' not run (time "
+        f"budget), '*' cut short by it, 'skip' see notes)"
+    )
     print(format_table(table, cols))
     timed = [c for c in cells if c.get("n")]
     if timed:
         by_len = sorted({c["length"] for c in timed})
-        trow = [{"length": L, **{lab: [c["prefill_s_per_example"] for c in timed
-                                      if c["length"] == L and c["label"] == lab] for lab in labels}} for L in by_len]
+        trow = [
+            {
+                "length": L,
+                **{
+                    lab: [c["prefill_s_per_example"] for c in timed if c["length"] == L and c["label"] == lab]
+                    for lab in labels
+                },
+            }
+            for L in by_len
+        ]
         mean = lambda lab: lambda r: sum(r[lab]) / len(r[lab]) if r[lab] else None  # noqa: E731
         print("prefill seconds per example (document + query -> first token; mean over tasks; compile apart)")
-        print(format_table(trow, [("length", "d", lambda r: r["length"])] + [(lab, ".3f", mean(lab))
-                                                                           for lab in labels]))
+        print(
+            format_table(trow, [("length", "d", lambda r: r["length"])] + [(lab, ".3f", mean(lab)) for lab in labels])
+        )
     dis = [d for d in doc.get("disagreements", []) if d["count"]]
     ring = [d for d in doc.get("disagreements", []) if d["label"].startswith("ring")]
     if ring:
-        print(f"ring vs full: {sum(d['count'] for d in ring)} differing answers in "
-              f"{sum(d['compared'] for d in ring)} compared")
+        print(
+            f"ring vs full: {sum(d['count'] for d in ring)} differing answers in "
+            f"{sum(d['compared'] for d in ring)} compared"
+        )
     if dis:
         worst = sorted(dis, key=lambda d: -d["count"])[:6]
-        print("answers differing from full: " + ", ".join(
-            f"{d['label']} {d['task']}@{d['length']}: {d['count']}/{d['compared']}" for d in worst))
+        print(
+            "answers differing from full: "
+            + ", ".join(f"{d['label']} {d['task']}@{d['length']}: {d['count']}/{d['compared']}" for d in worst)
+        )
     for note in doc.get("notes", []):
         print(f"note: {note}")
     for c in cells:
@@ -405,8 +519,12 @@ def print_table(doc: dict) -> None:
             print(f"  {c['label']} {c['task']}@{c['length']}: {c['error'][:300]}")
     tg = doc.get("targets", {})
     if tg:
-        print("targets: " + "; ".join(f"{k}: {'-' if v['met'] is None else ('met' if v['met'] else 'NOT met')}"
-                                      for k, v in tg.items()))
+        print(
+            "targets: "
+            + "; ".join(
+                f"{k}: {'-' if v['met'] is None else ('met' if v['met'] else 'NOT met')}" for k, v in tg.items()
+            )
+        )
 
 
 def plot(doc: dict, path) -> None:
@@ -432,9 +550,18 @@ def plot(doc: dict, path) -> None:
             pts, name = series[label], label.split()[0]
             hosts = int(label.split("=")[1]) if "=" in label else 1
             wide = name == "full"  # drawn wide underneath: exact strategies (ring) sit on it
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, color=colors.get(name, "gray"),
-                    linestyle=styles.get(hosts, "-."), marker=marks.get(hosts, "x"), alpha=0.4 if wide else 0.9,
-                    linewidth=6 if wide else 1.5, markersize=9 if wide else 5, zorder=1 if wide else 2)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                label=label,
+                color=colors.get(name, "gray"),
+                linestyle=styles.get(hosts, "-."),
+                marker=marks.get(hosts, "x"),
+                alpha=0.4 if wide else 0.9,
+                linewidth=6 if wide else 1.5,
+                markersize=9 if wide else 5,
+                zorder=1 if wide else 2,
+            )
         ax.set_xscale("log", base=2)
         xs = sorted({p[0] for pts in series.values() for p in pts})
         ax.set_xticks(xs, [f"{x // K}K" if x >= K else str(x) for x in xs])
@@ -446,8 +573,11 @@ def plot(doc: dict, path) -> None:
         ax.grid(True, alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left")
     model = doc.get("model", {})
-    fig.suptitle(f"APB accuracy: {model.get('source', '?')} ({'trained' if model.get('trained') else 'RANDOM'}), "
-                 f"{doc.get('device', {}).get('name', '?')}", fontsize=9)
+    fig.suptitle(
+        f"APB accuracy: {model.get('source', '?')} ({'trained' if model.get('trained') else 'RANDOM'}), "
+        f"{doc.get('device', {}).get('name', '?')}",
+        fontsize=9,
+    )
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -494,32 +624,66 @@ def main(argv=None) -> int:
 
     model, model_info = load_model(args)
     info = common.device_info()
-    out_path = Path(args.out) if args.out else \
-        Path(args.out_dir) / f"accuracy_{common.slug(info['name'])}_{common.today()}.json"
+    out_path = (
+        Path(args.out)
+        if args.out
+        else Path(args.out_dir) / f"accuracy_{common.slug(info['name'])}_{common.today()}.json"
+    )
     backend = None if args.kernel_backend == "auto" else args.kernel_backend
     hfile = heads_path(args)
     grid, missing, notes = runnable(configs(args), hfile)
     if not model_info["trained"]:
         notes.append("RANDOM stand-in model (--allow-random): accuracies are meaningless, only the plumbing is checked")
-    doc = {"benchmark": "accuracy", "issue": 6, "device": info, "jax_version": jax.__version__,
-           "date": common.today(), "argv": sys.argv[1:] if argv is None else list(argv), "status": "running",
-           "model": model_info,
-           "settings": {"tasks": args.tasks, "lengths": args.lengths, "hosts": args.hosts, "num": args.num,
-                        "batch": args.batch, "seed": args.seed, "dtype": args.dtype, "mode": args.mode,
-                        "precision": args.precision, "kernel_backend": args.kernel_backend,
-                        "retaining_heads": str(hfile) if hfile.is_file() else None,
-                        "columns": [c.label for c in grid], "skipped_columns": [c.label for c in missing]},
-           "notes": notes, "cells": []}
-    print(f"{info['name']} x{info['count']}, jax {jax.__version__}; model {model_info['source']} "
-          f"({model_info['params'] / 1e6:.1f}M params, {model_info['dtype']}); {len(args.tasks)} tasks x "
-          f"{len(args.lengths)} lengths x {len(grid)} columns x {args.num} examples", flush=True)
+    doc = {
+        "benchmark": "accuracy",
+        "issue": 6,
+        "device": info,
+        "jax_version": jax.__version__,
+        "date": common.today(),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "status": "running",
+        "model": model_info,
+        "settings": {
+            "tasks": args.tasks,
+            "lengths": args.lengths,
+            "hosts": args.hosts,
+            "num": args.num,
+            "batch": args.batch,
+            "seed": args.seed,
+            "dtype": args.dtype,
+            "mode": args.mode,
+            "precision": args.precision,
+            "kernel_backend": args.kernel_backend,
+            "retaining_heads": str(hfile) if hfile.is_file() else None,
+            "columns": [c.label for c in grid],
+            "skipped_columns": [c.label for c in missing],
+        },
+        "notes": notes,
+        "cells": [],
+    }
+    print(
+        f"{info['name']} x{info['count']}, jax {jax.__version__}; model {model_info['source']} "
+        f"({model_info['params'] / 1e6:.1f}M params, {model_info['dtype']}); {len(args.tasks)} tasks x "
+        f"{len(args.lengths)} lengths x {len(grid)} columns x {args.num} examples",
+        flush=True,
+    )
     for n in notes:
         print(f"note: {n}", flush=True)
     finish(doc, out_path, no_plot=True)
 
     total = len(args.tasks) * len(args.lengths) * len(grid) * args.num
-    bar = tqdm(total=total, desc="accuracy", unit="ex", file=sys.stdout, dynamic_ncols=True,
-               mininterval=0.5 if sys.stdout.isatty() else 30) if tqdm else None
+    bar = (
+        tqdm(
+            total=total,
+            desc="accuracy",
+            unit="ex",
+            file=sys.stdout,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stdout.isatty() else 30,
+        )
+        if tqdm
+        else None
+    )
     engines: dict = {}
     batch_size: dict = {}
     for length in args.lengths:
@@ -527,8 +691,9 @@ def main(argv=None) -> int:
             examples = make_examples(task, args.seed, args.num, length)
             truth = [ex.answer_text for ex in examples]
             for cfg in missing:
-                doc["cells"].append({**cell_base(cfg, task, length, info), "skipped": "no retaining-heads file",
-                                     "n": 0})
+                doc["cells"].append(
+                    {**cell_base(cfg, task, length, info), "skipped": "no retaining-heads file", "n": 0}
+                )
             for cfg in grid:
                 base = cell_base(cfg, task, length, info)
                 if deadline is not None and time.perf_counter() > deadline:
@@ -554,8 +719,7 @@ def main(argv=None) -> int:
                             gc.collect()
                             print(f"\n{cfg.label} {task}@{length}: out of memory, batch -> {size}", flush=True)
                     batch_size[(cfg, length)] = size  # the next task of this length starts there
-                    doc["cells"].append({**base, "mode": mode, "batch": min(size, args.num), **cell,
-                                         "truth": truth})
+                    doc["cells"].append({**base, "mode": mode, "batch": min(size, args.num), **cell, "truth": truth})
                 except Exception as e:  # noqa: BLE001 - one cell's failure must not end the run
                     msg = f"{type(e).__name__}: {e}"
                     doc["cells"].append({**base, "error": msg[:2000], "n": 0})
@@ -586,25 +750,41 @@ def merge(args) -> int:
     for d in docs:
         for c in d["cells"]:
             have = merged.get(cell_key(c))
-            if have is None or (have.get("accuracy") is None and c.get("accuracy") is not None) or \
-                    (c.get("accuracy") is not None and c.get("n", 0) > have.get("n", 0)):
+            if (
+                have is None
+                or (have.get("accuracy") is None and c.get("accuracy") is not None)
+                or (c.get("accuracy") is not None and c.get("n", 0) > have.get("n", 0))
+            ):
                 merged[cell_key(c)] = {"device": d["device"]["name"], **c}
     d0 = docs[0]
-    doc = {**{k: v for k, v in d0.items() if k not in ("cells", "disagreements", "targets")},
-           "argv": ["--from-json", args.from_json],
-           "devices": sorted({d["device"]["name"] for d in docs}),
-           "merged_from": [{"path": str(p), "device": d["device"]["name"], "date": d.get("date"),
-                            "status": d.get("status"), "argv": d.get("argv"), "elapsed_s": d.get("elapsed_s")}
-                           for p, d in zip(paths, docs)],
-           "notes": sorted({n for d in docs for n in d.get("notes", [])}),
-           "cells": sorted(merged.values(), key=lambda c: (c["length"], c["task"], c["label"]))}
+    doc = {
+        **{k: v for k, v in d0.items() if k not in ("cells", "disagreements", "targets")},
+        "argv": ["--from-json", args.from_json],
+        "devices": sorted({d["device"]["name"] for d in docs}),
+        "merged_from": [
+            {
+                "path": str(p),
+                "device": d["device"]["name"],
+                "date": d.get("date"),
+                "status": d.get("status"),
+                "argv": d.get("argv"),
+                "elapsed_s": d.get("elapsed_s"),
+            }
+            for p, d in zip(paths, docs)
+        ],
+        "notes": sorted({n for d in docs for n in d.get("notes", [])}),
+        "cells": sorted(merged.values(), key=lambda c: (c["length"], c["task"], c["label"])),
+    }
     # complete when every merged cell is (a later run may fill what a partial one left out)
-    whole = all(c.get("accuracy") is not None and not (c.get("partial") or c.get("skipped") or c.get("error"))
-                for c in doc["cells"])
+    whole = all(
+        c.get("accuracy") is not None and not (c.get("partial") or c.get("skipped") or c.get("error"))
+        for c in doc["cells"]
+    )
     doc["status"] = "complete" if whole else "partial"
     if len({json.dumps(d.get("model", {}).get("source")) for d in docs}) > 1:
-        doc["notes"].append("merged runs used different models: " +
-                            ", ".join(str(d.get("model", {}).get("source")) for d in docs))
+        doc["notes"].append(
+            "merged runs used different models: " + ", ".join(str(d.get("model", {}).get("source")) for d in docs)
+        )
     out = Path(args.out) if args.out else Path(args.out_dir) / f"accuracy_merged_{common.today()}.json"
     finish(doc, out, args.no_plot)
     print(f"JSON: {out}" + ("" if args.no_plot else f"\nplot: {out.with_suffix('.png')}"))

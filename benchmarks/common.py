@@ -2,6 +2,7 @@
 
 Import jax lazily (inside functions): `prefill_bench.py --smoke` must set XLA_FLAGS before jax is imported.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-MB = 2 ** 20
+MB = 2**20
 # APB_SPEC §8: all_gather over 4 NVLinked H200s (jax 0.11.2), per-GPU bandwidth at 16 / 128 / 512 MB per shard.
 SPEC_ALL_GATHER = ((16 * MB, 51e9), (128 * MB, 134e9), (512 * MB, 255e9))
 H200_BF16_PEAK = 790e12  # measured dense bf16 matmul rate on one H200 (the ratio the issue asks for)
@@ -57,9 +58,13 @@ def program_bytes(compiled) -> dict | None:
     if m is None:
         return None
     get = lambda name: int(getattr(m, name, 0) or 0)  # noqa: E731
-    d = {"argument": get("argument_size_in_bytes"), "output": get("output_size_in_bytes"),
-         "temp": get("temp_size_in_bytes"), "alias": get("alias_size_in_bytes"),
-         "generated_code": get("generated_code_size_in_bytes")}
+    d = {
+        "argument": get("argument_size_in_bytes"),
+        "output": get("output_size_in_bytes"),
+        "temp": get("temp_size_in_bytes"),
+        "alias": get("alias_size_in_bytes"),
+        "generated_code": get("generated_code_size_in_bytes"),
+    }
     d["total"] = d["argument"] + d["output"] + d["temp"] - d["alias"]
     return d
 
@@ -69,8 +74,13 @@ def device_info() -> dict:
 
     dev = jax.devices()[0]
     stats = memory_stats(dev)
-    return {"name": dev.device_kind, "platform": dev.platform, "count": jax.device_count(),
-            "bytes_limit": (stats or {}).get("bytes_limit"), "jax_version": jax.__version__}
+    return {
+        "name": dev.device_kind,
+        "platform": dev.platform,
+        "count": jax.device_count(),
+        "bytes_limit": (stats or {}).get("bytes_limit"),
+        "jax_version": jax.__version__,
+    }
 
 
 def memory_stats(dev) -> dict | None:
@@ -119,8 +129,9 @@ class BandwidthModel:
     ppermute of s bytes: each GPU sends and receives s bytes -> s / bw(s) (the all_gather figures stand in when
     no ppermute was measured)."""
 
-    def __init__(self, all_gather: Sequence[tuple[float, float]], ppermute: Sequence[tuple[float, float]] | None,
-                 source: str):
+    def __init__(
+        self, all_gather: Sequence[tuple[float, float]], ppermute: Sequence[tuple[float, float]] | None, source: str
+    ):
         self.all_gather = sorted(all_gather)
         self.ppermute = sorted(ppermute) if ppermute else None
         self.source = source
@@ -151,16 +162,23 @@ class BandwidthModel:
         return 0.0 if nbytes <= 0 else nbytes / self.bandwidth(nbytes, "ppermute")
 
     def describe(self) -> dict:
-        return {"source": self.source, "all_gather_points_bytes_Bps": self.all_gather,
-                "ppermute_points_bytes_Bps": self.ppermute,
-                "formula": "all_gather: (H-1)*shard/bw(shard); ppermute: bytes/bw(bytes); bw interpolated log-log "
-                           "in the shard size, end slopes extrapolated below, capped above"}
+        return {
+            "source": self.source,
+            "all_gather_points_bytes_Bps": self.all_gather,
+            "ppermute_points_bytes_Bps": self.ppermute,
+            "formula": "all_gather: (H-1)*shard/bw(shard); ppermute: bytes/bw(bytes); bw interpolated log-log "
+            "in the shard size, end slopes extrapolated below, capped above",
+        }
 
 
 def spec_bandwidth_model() -> BandwidthModel:
-    return BandwidthModel(SPEC_ALL_GATHER, None, "APB_SPEC §8: all_gather over 4 NVLinked H200s, per GPU "
-                                                 "(51 / 134 / 255 GB/s at 16 / 128 / 512 MB); ppermute assumed "
-                                                 "the same")
+    return BandwidthModel(
+        SPEC_ALL_GATHER,
+        None,
+        "APB_SPEC §8: all_gather over 4 NVLinked H200s, per GPU "
+        "(51 / 134 / 255 GB/s at 16 / 128 / 512 MB); ppermute assumed "
+        "the same",
+    )
 
 
 def measure_bandwidth(devices, sizes: Sequence[int], repeats: int = 5) -> BandwidthModel:
@@ -173,10 +191,20 @@ def measure_bandwidth(devices, sizes: Sequence[int], repeats: int = 5) -> Bandwi
     n = len(devices)
     mesh = Mesh(np.array(devices), ("sp",))
     perm = [(i, (i + 1) % n) for i in range(n)]
-    ag = jax.jit(jax.shard_map(lambda x: jax.lax.all_gather(x, "sp", tiled=True), mesh=mesh, in_specs=P("sp"),
-                               out_specs=P("sp"), check_vma=False))
-    pp = jax.jit(jax.shard_map(lambda x: jax.lax.ppermute(x, "sp", perm), mesh=mesh, in_specs=P("sp"),
-                               out_specs=P("sp"), check_vma=False))
+    ag = jax.jit(
+        jax.shard_map(
+            lambda x: jax.lax.all_gather(x, "sp", tiled=True),
+            mesh=mesh,
+            in_specs=P("sp"),
+            out_specs=P("sp"),
+            check_vma=False,
+        )
+    )
+    pp = jax.jit(
+        jax.shard_map(
+            lambda x: jax.lax.ppermute(x, "sp", perm), mesh=mesh, in_specs=P("sp"), out_specs=P("sp"), check_vma=False
+        )
+    )
     ag_pts, pp_pts = [], []
     for size in sizes:
         elems = max(size // 2, 1)
@@ -189,8 +217,13 @@ def measure_bandwidth(devices, sizes: Sequence[int], repeats: int = 5) -> Bandwi
     return BandwidthModel(ag_pts, pp_pts, f"measured here over {n} {devices[0].device_kind} devices")
 
 
-def loglog_plot(series: dict[str, tuple[list, list, dict]], path: str | os.PathLike, title: str,
-                xlabel: str = "sequence length (tokens)", ylabel: str = "prefill time (s)") -> None:
+def loglog_plot(
+    series: dict[str, tuple[list, list, dict]],
+    path: str | os.PathLike,
+    title: str,
+    xlabel: str = "sequence length (tokens)",
+    ylabel: str = "prefill time (s)",
+) -> None:
     """series: label -> (xs, ys, matplotlib kwargs)."""
     import matplotlib
 

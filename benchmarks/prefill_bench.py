@@ -18,6 +18,7 @@ else); the JSON keeps the measured numbers and the scale; --depth-check times `f
     python benchmarks/prefill_bench.py --smoke                 # tiny model, 4 fake CPU devices, < 1 min
     python benchmarks/prefill_bench.py --layers 4 --budget-s 360 --out-dir $OUT
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,19 +41,30 @@ K = 1024
 DEFAULT_LENGTHS = (32 * K, 128 * K, 512 * K, 1024 * K)
 DEFAULT_FULL_LENGTHS = (32 * K, 64 * K, 128 * K, 256 * K)
 DEFAULT_HOSTS = (2, 4, 8)
-TARGETS = {"full_s": {32 * K: 1.23, 64 * K: 3.40, 128 * K: 11.05}, "apb_vs_full": 7.0, "apb_vs_star": 1.7,
-           "apb_vs_ring": 1.5, "ring_vs_ideal_max": 1.25, "apb_frac_of_790": 0.70, "mem_1m_4_hosts_bytes": 141e9}
+TARGETS = {
+    "full_s": {32 * K: 1.23, 64 * K: 3.40, 128 * K: 11.05},
+    "apb_vs_full": 7.0,
+    "apb_vs_star": 1.7,
+    "apb_vs_ring": 1.5,
+    "ring_vs_ideal_max": 1.25,
+    "apb_frac_of_790": 0.70,
+    "mem_1m_4_hosts_bytes": 141e9,
+}
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny config on 4 fake CPU devices (CI)")
     ap.add_argument("--model", default="llama3.1-8b", choices=("llama3.1-8b", "qwen2.5-7b", "tiny"))
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--layers", type=int, default=None, help="run this many layers, scale times to the model depth")
-    ap.add_argument("--depth-check", action="store_true",
-                    help="first time `full` at the first full length with every layer (checks the --layers scaling)")
+    ap.add_argument(
+        "--depth-check",
+        action="store_true",
+        help="first time `full` at the first full length with every layer (checks the --layers scaling)",
+    )
     ap.add_argument("--strategies", default="full,apb,star,ring")
     ap.add_argument("--compressors", default="query_aware,retaining_heads", help="for apb")
     ap.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="document lengths, sp strategies")
@@ -61,17 +73,28 @@ def parse_args(argv=None):
     ap.add_argument("--query-len", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop starting grid points once this much wall time is spent (results so far are kept)")
-    ap.add_argument("--real", default="auto", choices=("auto", "yes", "no"),
-                    help="also time the real mesh run (Engine.prefill) when >= H devices exist")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop starting grid points once this much wall time is spent (results so far are kept)",
+    )
+    ap.add_argument(
+        "--real",
+        default="auto",
+        choices=("auto", "yes", "no"),
+        help="also time the real mesh run (Engine.prefill) when >= H devices exist",
+    )
     ap.add_argument("--kernel-backend", default="auto")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--out", default=None, help="JSON path (default <out-dir>/prefill_<device>_<date>.json)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--from-json", default=None,
-                    help="comma-separated results JSONs of one device: merge their rows (into --out, else the first "
-                         "file), recompute comparisons and targets, redraw the plot, reprint the table")
+    ap.add_argument(
+        "--from-json",
+        default=None,
+        help="comma-separated results JSONs of one device: merge their rows (into --out, else the first "
+        "file), recompute comparisons and targets, redraw the plot, reprint the table",
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         args.model, args.dtype = "tiny", "float32"
@@ -92,18 +115,56 @@ def model_config(name: str):
     from apb_jax.config import ModelConfig, RopeConfig
 
     if name == "llama3.1-8b":
-        return ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                           num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                           rope=RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
-                           max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=(128001, 128009))
+        return ModelConfig(
+            model_type="llama",
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            rms_norm_eps=1e-5,
+            rope=RopeConfig(
+                theta=500000.0,
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+            max_position_embeddings=131072,
+            bos_token_id=128000,
+            eos_token_ids=(128001, 128009),
+        )
     if name == "qwen2.5-7b":
-        return ModelConfig(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                           num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
-                           rope=RopeConfig(theta=1000000.0), max_position_embeddings=32768, qkv_bias=True,
-                           eos_token_ids=(151645, 151643))
-    return ModelConfig(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=16, rope=RopeConfig(theta=10000.0), dtype="float32")
+        return ModelConfig(
+            model_type="qwen2",
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_layers=28,
+            num_heads=28,
+            num_kv_heads=4,
+            head_dim=128,
+            rms_norm_eps=1e-6,
+            rope=RopeConfig(theta=1000000.0),
+            max_position_embeddings=32768,
+            qkv_bias=True,
+            eos_token_ids=(151645, 151643),
+        )
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope=RopeConfig(theta=10000.0),
+        dtype="float32",
+    )
 
 
 def random_model(cfg, dtype: str, seed: int):
@@ -138,9 +199,11 @@ def random_heads(cfg, dtype, seed: int, hidden: int = 1024):
     @jax.jit
     def make(key):
         ks = jax.random.split(key, 2 * cfg.num_layers)
-        fc1 = tuple(jax.random.normal(ks[2 * i], (d_in, hidden), dtype) * (d_in ** -0.5) for i in range(cfg.num_layers))
-        fc2 = tuple(jax.random.normal(ks[2 * i + 1], (hidden, cfg.num_kv_heads), dtype) * (hidden ** -0.5)
-                    for i in range(cfg.num_layers))
+        fc1 = tuple(jax.random.normal(ks[2 * i], (d_in, hidden), dtype) * (d_in**-0.5) for i in range(cfg.num_layers))
+        fc2 = tuple(
+            jax.random.normal(ks[2 * i + 1], (hidden, cfg.num_kv_heads), dtype) * (hidden**-0.5)
+            for i in range(cfg.num_layers)
+        )
         return fc1, fc2
 
     fc1, fc2 = make(jax.random.PRNGKey(seed))
@@ -170,8 +233,9 @@ def pick_backend(requested: str):
 
 def linear_flops_per_row(cfg) -> float:
     h, d = cfg.hidden_size, cfg.head_dim
-    return 2.0 * (h * cfg.num_heads * d + 2 * h * cfg.num_kv_heads * d + cfg.num_heads * d * h
-                  + 3 * h * cfg.intermediate_size)
+    return 2.0 * (
+        h * cfg.num_heads * d + 2 * h * cfg.num_kv_heads * d + cfg.num_heads * d * h + 3 * h * cfg.intermediate_size
+    )
 
 
 def attention_pairs(lay, host: int) -> float:
@@ -287,7 +351,7 @@ def build_grid(args, cfg, layers_run: int, rate: float, compile_per_layer: float
             continue
         for L in args.lengths:
             for H in args.hosts:
-                for c in (args.compressors if s == "apb" else ["query_aware"]):
+                for c in args.compressors if s == "apb" else ["query_aware"]:
                     pts.append(Point(s, L, H, c))
     out = []
     for p in pts:
@@ -303,8 +367,16 @@ def build_grid(args, cfg, layers_run: int, rate: float, compile_per_layer: float
         L = args.full_lengths[0]
         lay = make_layout("full", 1, L, args.query_len)
         f = host_flops(cfg, lay, 0, cfg.num_layers, "query_aware")["total"]
-        out.append(Point("full", L, 1, layers=cfg.num_layers, prio=2,
-                         est_s=2 * (4 + compile_per_layer * cfg.num_layers) + (args.warmup + args.repeats + 1) * f / rate))
+        out.append(
+            Point(
+                "full",
+                L,
+                1,
+                layers=cfg.num_layers,
+                prio=2,
+                est_s=2 * (4 + compile_per_layer * cfg.num_layers) + (args.warmup + args.repeats + 1) * f / rate,
+            )
+        )
     out.sort(key=lambda p: (p.prio, p.est_s))
     return out
 
@@ -324,26 +396,44 @@ def run_point(pt: Point, model, heads, args, cfg_model, bw, backend, rng) -> dic
     cfg = model.config
     layers_run = cfg.num_layers
     dev = jax.devices()[0]
-    eng = Engine(model, pt.strategy, devices=pt.hosts, compressor=pt.compressor,
-                 retaining_heads=heads if pt.compressor == "retaining_heads" else None, mode="vmap",
-                 kernel_backend=backend)
+    eng = Engine(
+        model,
+        pt.strategy,
+        devices=pt.hosts,
+        compressor=pt.compressor,
+        retaining_heads=heads if pt.compressor == "retaining_heads" else None,
+        mode="vmap",
+        kernel_backend=backend,
+    )
     doc = rng.integers(0, cfg.vocab_size, (1, pt.length), dtype=np.int32)
     query = rng.integers(0, cfg.vocab_size, (1, args.query_len), dtype=np.int32)
     lay = eng.layout(pt.length, args.query_len)
     h = busiest_host(lay)
-    row = {"name": pt.name, "strategy": pt.strategy, "compressor": pt.compressor if pt.strategy == "apb" else None,
-           "hosts": pt.hosts, "doc_len": pt.length, "query_len": args.query_len, "block": lay.block,
-           "anchor": lay.anchor, "passing": lay.passing, "replayed_host": h, "layers_run": layers_run,
-           "layers_model": cfg_model.num_layers, "kernel_backend": backend or "default",
-           "mode": "single device" if pt.hosts == 1 else "replay of the busiest host"}
+    row = {
+        "name": pt.name,
+        "strategy": pt.strategy,
+        "compressor": pt.compressor if pt.strategy == "apb" else None,
+        "hosts": pt.hosts,
+        "doc_len": pt.length,
+        "query_len": args.query_len,
+        "block": lay.block,
+        "anchor": lay.anchor,
+        "passing": lay.passing,
+        "replayed_host": h,
+        "layers_run": layers_run,
+        "layers_model": cfg_model.num_layers,
+        "kernel_backend": backend or "default",
+        "mode": "single device" if pt.hosts == 1 else "replay of the busiest host",
+    }
 
     tokens, positions = host_inputs(lay, doc, query, h, pad_id=cfg.pad_token_id or 0)
     tokens, positions = jax.device_put(tokens, dev), jax.device_put(positions, dev)
     pre = replay_prefill_fn(eng, lay, h)
     pre_c, c_doc = compile_timed(pre, eng.params, eng.heads, tokens, positions)
     mem_doc = program_bytes(pre_c)
-    t_doc, runs_doc, (k, v) = timed(pre_c, eng.params, eng.heads, tokens, positions, warmup=args.warmup,
-                                    repeats=args.repeats)
+    t_doc, runs_doc, (k, v) = timed(
+        pre_c, eng.params, eng.heads, tokens, positions, warmup=args.warmup, repeats=args.repeats
+    )
     del pre_c
     tail_len = -(-(args.query_len + 1) // 16) * 16
     tail = jnp.zeros((layers_run, 1, tail_len, cfg.num_kv_heads, cfg.head_dim), k.dtype)
@@ -351,8 +441,9 @@ def run_point(pt: Point, model, heads, args, cfg_model, bw, backend, rng) -> dic
     step = replay_step_fn(eng, lay, h)
     step_c, c_q = compile_timed(step, eng.params, k, v, tail, tail, qtok, jnp.int32(0))
     mem_q = program_bytes(step_c)
-    t_q, runs_q, out = timed(step_c, eng.params, k, v, tail, tail, qtok, jnp.int32(0), warmup=args.warmup,
-                             repeats=args.repeats)
+    t_q, runs_q, out = timed(
+        step_c, eng.params, k, v, tail, tail, qtok, jnp.int32(0), warmup=args.warmup, repeats=args.repeats
+    )
     finite = bool(np.isfinite(np.asarray(out[2])).all())
     del out, k, v, tail, step_c
     stats = memory_stats(dev) or {}
@@ -364,29 +455,48 @@ def run_point(pt: Point, model, heads, args, cfg_model, bw, backend, rng) -> dic
     scale_q = fq["total"] / query_flops(cfg_model, lay, h, layers_run)["total"]
     row["depth_scale"], row["depth_scale_query"] = scale, scale_q
     doc_s, q_s = t_doc * scale, t_q * scale_q
-    row["measured"] = {"doc_prefill_s": t_doc, "doc_prefill_runs_s": runs_doc, "query_s": t_q,
-                       "query_runs_s": runs_q, "compile_doc_s": c_doc, "compile_query_s": c_q,
-                       "program_bytes_doc": mem_doc, "program_bytes_query": mem_q,
-                       "peak_bytes_in_use_so_far": stats.get("peak_bytes_in_use"), "logits_finite": finite}
+    row["measured"] = {
+        "doc_prefill_s": t_doc,
+        "doc_prefill_runs_s": runs_doc,
+        "query_s": t_q,
+        "query_runs_s": runs_q,
+        "compile_doc_s": c_doc,
+        "compile_query_s": c_q,
+        "program_bytes_doc": mem_doc,
+        "program_bytes_query": mem_q,
+        "peak_bytes_in_use_so_far": stats.get("peak_bytes_in_use"),
+        "logits_finite": finite,
+    }
     weights_per_layer = (linear_flops_per_row(cfg_model) / 2) * jnp.dtype(model.dtype).itemsize
-    kv_per_layer = 2 * (lay.anchor + lay.block + lay.block) * cfg.num_kv_heads * cfg.head_dim * \
-        jnp.dtype(model.dtype).itemsize
+    kv_per_layer = (
+        2 * (lay.anchor + lay.block + lay.block) * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(model.dtype).itemsize
+    )
     if mem_doc:
         extra = (cfg_model.num_layers - layers_run) * (weights_per_layer + kv_per_layer)
         row["measured"]["program_bytes_doc_at_model_depth"] = mem_doc["total"] + extra
     row["flops"] = {"doc": fl, "query": fq}
-    row["model_depth"] = {"doc_prefill_s": doc_s, "query_s": q_s, "prefill_s": doc_s + q_s,
-                          "doc_tflops": fl["total"] / doc_s / 1e12,
-                          "prefill_tflops": (fl["total"] + fq["total"]) / (doc_s + q_s) / 1e12}
+    row["model_depth"] = {
+        "doc_prefill_s": doc_s,
+        "query_s": q_s,
+        "prefill_s": doc_s + q_s,
+        "doc_tflops": fl["total"] / doc_s / 1e12,
+        "prefill_tflops": (fl["total"] + fq["total"]) / (doc_s + q_s) / 1e12,
+    }
     row["model_depth"]["doc_frac_of_790"] = row["model_depth"]["doc_tflops"] * 1e12 / 790e12
     cb = comm_bytes(cfg_model, lay, 1, jnp.dtype(model.dtype).itemsize)
     c_doc_s, c_q_s, moved = comm_seconds(cb, bw, pt.hosts, cfg_model.num_layers)
     if pt.hosts > 1:
         total = doc_s + c_doc_s + q_s + c_q_s
-        row["projected"] = {"label": "projected", "what": "busiest host replayed + modelled communication",
-                            "comm_doc_s": c_doc_s, "comm_query_s": c_q_s, "bytes_received_per_host": moved,
-                            "doc_prefill_s": doc_s + c_doc_s, "prefill_s": total,
-                            "prefill_tflops": (fl["total"] + fq["total"]) / total / 1e12}
+        row["projected"] = {
+            "label": "projected",
+            "what": "busiest host replayed + modelled communication",
+            "comm_doc_s": c_doc_s,
+            "comm_query_s": c_q_s,
+            "bytes_received_per_host": moved,
+            "doc_prefill_s": doc_s + c_doc_s,
+            "prefill_s": total,
+            "prefill_tflops": (fl["total"] + fq["total"]) / total / 1e12,
+        }
     return row
 
 
@@ -398,9 +508,15 @@ def run_real(pt: Point, model, heads, args, backend, rng) -> dict:
 
     from apb_jax import Engine
 
-    eng = Engine(model, pt.strategy, devices=pt.hosts, compressor=pt.compressor,
-                 retaining_heads=heads if pt.compressor == "retaining_heads" else None, mode="mesh",
-                 kernel_backend=backend)
+    eng = Engine(
+        model,
+        pt.strategy,
+        devices=pt.hosts,
+        compressor=pt.compressor,
+        retaining_heads=heads if pt.compressor == "retaining_heads" else None,
+        mode="mesh",
+        kernel_backend=backend,
+    )
     doc = rng.integers(0, model.config.vocab_size, pt.length, dtype=np.int32)
     query = rng.integers(0, model.config.vocab_size, args.query_len, dtype=np.int32)
     first = eng.prefill(doc, query)
@@ -411,14 +527,24 @@ def run_real(pt: Point, model, heads, args, backend, rng) -> dict:
         out = eng.prefill(doc, query)
         docs.append(out.doc_prefill_seconds)
         qs.append(out.query_seconds)
-    return {"name": pt.name + " real mesh", "strategy": pt.strategy,
-            "compressor": pt.compressor if pt.strategy == "apb" else None, "hosts": pt.hosts,
-            "doc_len": pt.length, "query_len": args.query_len, "mode": f"real mesh over {pt.hosts} devices",
-            "layers_run": model.config.num_layers,
-            "measured": {"doc_prefill_s": statistics.median(docs), "doc_prefill_runs_s": docs,
-                         "query_s": statistics.median(qs), "query_runs_s": qs,
-                         "compile_s": first.compile_seconds,
-                         "logits_finite": bool(np.isfinite(first.logits).all())}}
+    return {
+        "name": pt.name + " real mesh",
+        "strategy": pt.strategy,
+        "compressor": pt.compressor if pt.strategy == "apb" else None,
+        "hosts": pt.hosts,
+        "doc_len": pt.length,
+        "query_len": args.query_len,
+        "mode": f"real mesh over {pt.hosts} devices",
+        "layers_run": model.config.num_layers,
+        "measured": {
+            "doc_prefill_s": statistics.median(docs),
+            "doc_prefill_runs_s": docs,
+            "query_s": statistics.median(qs),
+            "query_runs_s": qs,
+            "compile_s": first.compile_seconds,
+            "logits_finite": bool(np.isfinite(first.logits).all()),
+        },
+    }
 
 
 # -------------------------------------------------------------------------------------------- summary
@@ -428,8 +554,12 @@ def _find(rows, strategy, length, hosts=None, compressor=None):
     for r in rows:
         if "model_depth" not in r or r.get("depth_check"):
             continue
-        if r["strategy"] == strategy and r["doc_len"] == length and (hosts is None or r["hosts"] == hosts) \
-                and (compressor is None or r.get("compressor") == compressor):
+        if (
+            r["strategy"] == strategy
+            and r["doc_len"] == length
+            and (hosts is None or r["hosts"] == hosts)
+            and (compressor is None or r.get("compressor") == compressor)
+        ):
             return r
     return None
 
@@ -452,11 +582,14 @@ def add_comparisons(rows):
             continue
         frac = rep["layers_run"] / rep["layers_model"]
         proj = rep["measured"]["doc_prefill_s"] + rep["projected"]["comm_doc_s"] * frac
-        r["vs_projected"] = {"projected_doc_s": proj, "measured_doc_s": r["measured"]["doc_prefill_s"],
-                             "measured_over_projected": r["measured"]["doc_prefill_s"] / proj,
-                             "replay_doc_s": rep["measured"]["doc_prefill_s"],
-                             "comm_model_doc_s": rep["projected"]["comm_doc_s"] * frac,
-                             "layers": rep["layers_run"]}
+        r["vs_projected"] = {
+            "projected_doc_s": proj,
+            "measured_doc_s": r["measured"]["doc_prefill_s"],
+            "measured_over_projected": r["measured"]["doc_prefill_s"] / proj,
+            "replay_doc_s": rep["measured"]["doc_prefill_s"],
+            "comm_model_doc_s": rep["projected"]["comm_doc_s"] * frac,
+            "layers": rep["layers_run"],
+        }
     for r in rows:
         if "model_depth" not in r or r.get("depth_check"):
             continue
@@ -474,31 +607,46 @@ def targets(rows, gemm_rate) -> dict:
         r = _find(rows, "full", L, 1)
         exact = next((x for x in rows if x.get("depth_check") and x["doc_len"] == L and "model_depth" in x), None)
         got = _time(exact) if exact else _time(r)
-        t[f"full_{L // K}K_s"] = {"target_max": want, "got": got, "met": None if got is None else got <= want,
-                                   "all_layers_measured": exact is not None}
+        t[f"full_{L // K}K_s"] = {
+            "target_max": want,
+            "got": got,
+            "met": None if got is None else got <= want,
+            "all_layers_measured": exact is not None,
+        }
     L = 128 * K
     apb = _find(rows, "apb", L, 4, "query_aware")
     full, star, ring = _find(rows, "full", L, 1), _find(rows, "star", L, 4), _find(rows, "ring", L, 4)
     ratio = lambda a, b: None if a is None or b is None else _time(b) / _time(a)  # noqa: E731
-    for key, other, want in (("apb_vs_full_128K_H4", full, TARGETS["apb_vs_full"]),
-                             ("apb_vs_star_128K_H4", star, TARGETS["apb_vs_star"]),
-                             ("apb_vs_ring_128K_H4", ring, TARGETS["apb_vs_ring"])):
+    for key, other, want in (
+        ("apb_vs_full_128K_H4", full, TARGETS["apb_vs_full"]),
+        ("apb_vs_star_128K_H4", star, TARGETS["apb_vs_star"]),
+        ("apb_vs_ring_128K_H4", ring, TARGETS["apb_vs_ring"]),
+    ):
         got = ratio(apb, other)
         t[key] = {"target_min": want, "got": got, "met": None if got is None else got >= want, "label": "projected"}
     got = ring["projected"].get("vs_ideal") if ring else None
-    t["ring_vs_ideal_128K_H4"] = {"target_max": TARGETS["ring_vs_ideal_max"], "got": got,
-                                  "met": None if got is None else got <= TARGETS["ring_vs_ideal_max"],
-                                  "ideal": "full prefill time / H", "label": "projected"}
+    t["ring_vs_ideal_128K_H4"] = {
+        "target_max": TARGETS["ring_vs_ideal_max"],
+        "got": got,
+        "met": None if got is None else got <= TARGETS["ring_vs_ideal_max"],
+        "ideal": "full prefill time / H",
+        "label": "projected",
+    }
     got = apb["model_depth"]["doc_frac_of_790"] if apb else None
-    t["apb_frac_of_790_128K_H4"] = {"target_min": TARGETS["apb_frac_of_790"], "got": got,
-                                    "met": None if got is None else got >= TARGETS["apb_frac_of_790"],
-                                    "what": "busiest host's useful FLOP/s during its document prefill / 790e12"}
+    t["apb_frac_of_790_128K_H4"] = {
+        "target_min": TARGETS["apb_frac_of_790"],
+        "got": got,
+        "met": None if got is None else got >= TARGETS["apb_frac_of_790"],
+        "what": "busiest host's useful FLOP/s during its document prefill / 790e12",
+    }
     m = _find(rows, "apb", 1024 * K, 4, "query_aware")
-    got = (m["measured"].get("program_bytes_doc_at_model_depth") if m else None)
-    t["apb_1M_H4_fits"] = {"target_max_bytes": TARGETS["mem_1m_4_hosts_bytes"], "got_bytes": got,
-                           "met": None if got is None else got <= TARGETS["mem_1m_4_hosts_bytes"],
-                           "what": "XLA program bytes of the busiest host (weights + outputs + temporaries), "
-                                   "scaled to the model depth"}
+    got = m["measured"].get("program_bytes_doc_at_model_depth") if m else None
+    t["apb_1M_H4_fits"] = {
+        "target_max_bytes": TARGETS["mem_1m_4_hosts_bytes"],
+        "got_bytes": got,
+        "met": None if got is None else got <= TARGETS["mem_1m_4_hosts_bytes"],
+        "what": "XLA program bytes of the busiest host (weights + outputs + temporaries), scaled to the model depth",
+    }
     return t
 
 
@@ -511,9 +659,12 @@ def breakdown(rows, gemm_rate):
         fl = r["flops"]["doc"]
         lin = fl["linear"] / gemm_rate
         comp = fl["compression"] / gemm_rate
-        r["breakdown_doc_s"] = {"linear_est": lin, "compression_est": comp,
-                                "attention_and_other": r["model_depth"]["doc_prefill_s"] - lin - comp,
-                                "communication_model": r.get("projected", {}).get("comm_doc_s", 0.0)}
+        r["breakdown_doc_s"] = {
+            "linear_est": lin,
+            "compression_est": comp,
+            "attention_and_other": r["model_depth"]["doc_prefill_s"] - lin - comp,
+            "communication_model": r.get("projected", {}).get("comm_doc_s", 0.0),
+        }
 
 
 def print_table(rows):
@@ -525,31 +676,54 @@ def print_table(rows):
             for p in path.split("."):
                 x = x[p]
             return x
+
         return get
 
-    cols = [("name", "s", col("name")), ("mode", "s", lambda r: r["mode"][:14]),
-            ("doc_s", ".3f", col("model_depth.doc_prefill_s")), ("query_s", ".4f", col("model_depth.query_s")),
-            ("comm_s(model)", ".4f", lambda r: r["projected"]["comm_doc_s"] + r["projected"]["comm_query_s"]),
-            ("prefill_s", ".3f", lambda r: r["model_depth"]["prefill_s"] if "projected" not in r else None),
-            ("PROJECTED_s", ".3f", col("projected.prefill_s")),
-            ("x_full", ".2f", col("projected.speedup_vs_full")), ("vs_ideal", ".2f", col("projected.vs_ideal")),
-            ("TFLOP/s", ".0f", col("model_depth.doc_tflops")), ("%790", ".0%", col("model_depth.doc_frac_of_790")),
-            ("GB(prog)", ".1f", lambda r: r["measured"]["program_bytes_doc"]["total"] / 1e9),
-            ("GB@depth", ".1f", lambda r: r["measured"]["program_bytes_doc_at_model_depth"] / 1e9),
-            ("compile_s", ".1f", lambda r: r["measured"]["compile_doc_s"] + r["measured"]["compile_query_s"]),
-            ("layers", "d", col("layers_run"))]
+    cols = [
+        ("name", "s", col("name")),
+        ("mode", "s", lambda r: r["mode"][:14]),
+        ("doc_s", ".3f", col("model_depth.doc_prefill_s")),
+        ("query_s", ".4f", col("model_depth.query_s")),
+        ("comm_s(model)", ".4f", lambda r: r["projected"]["comm_doc_s"] + r["projected"]["comm_query_s"]),
+        ("prefill_s", ".3f", lambda r: r["model_depth"]["prefill_s"] if "projected" not in r else None),
+        ("PROJECTED_s", ".3f", col("projected.prefill_s")),
+        ("x_full", ".2f", col("projected.speedup_vs_full")),
+        ("vs_ideal", ".2f", col("projected.vs_ideal")),
+        ("TFLOP/s", ".0f", col("model_depth.doc_tflops")),
+        ("%790", ".0%", col("model_depth.doc_frac_of_790")),
+        ("GB(prog)", ".1f", lambda r: r["measured"]["program_bytes_doc"]["total"] / 1e9),
+        ("GB@depth", ".1f", lambda r: r["measured"]["program_bytes_doc_at_model_depth"] / 1e9),
+        ("compile_s", ".1f", lambda r: r["measured"]["compile_doc_s"] + r["measured"]["compile_query_s"]),
+        ("layers", "d", col("layers_run")),
+    ]
     ok = [r for r in rows if "model_depth" in r]
-    ok.sort(key=lambda r: (r["strategy"] != "full", r["strategy"], r.get("compressor") or "", r["hosts"],
-                           r["doc_len"], r["layers_run"]))
+    ok.sort(
+        key=lambda r: (
+            r["strategy"] != "full",
+            r["strategy"],
+            r.get("compressor") or "",
+            r["hosts"],
+            r["doc_len"],
+            r["layers_run"],
+        )
+    )
     print(format_table(ok, cols))
     real = [r for r in rows if r.get("mode", "").startswith("real")]
     if real:
         print("\nreal mesh runs (Engine.prefill):")
-        print(format_table(real, [("name", "s", col("name")), ("doc_s", ".4f", col("measured.doc_prefill_s")),
-                                  ("projected_doc_s", ".4f", col("vs_projected.projected_doc_s")),
-                                  ("measured/projected", ".3f", col("vs_projected.measured_over_projected")),
-                                  ("query_s", ".4f", col("measured.query_s")),
-                                  ("compile_s", ".1f", col("measured.compile_s"))]))
+        print(
+            format_table(
+                real,
+                [
+                    ("name", "s", col("name")),
+                    ("doc_s", ".4f", col("measured.doc_prefill_s")),
+                    ("projected_doc_s", ".4f", col("vs_projected.projected_doc_s")),
+                    ("measured/projected", ".3f", col("vs_projected.measured_over_projected")),
+                    ("query_s", ".4f", col("measured.query_s")),
+                    ("compile_s", ".1f", col("measured.compile_s")),
+                ],
+            )
+        )
         print("(real rows at the layers run; projected = that replay row's measured time + modelled communication)")
     bad = [r for r in rows if r.get("error") or r.get("skipped")]
     for r in bad:
@@ -563,16 +737,21 @@ def plot(rows, path, device_name):
     series = {}
     styles = {"full": "k", "apb": "tab:red", "star": "tab:blue", "ring": "tab:green"}
     marks = {1: "o", 2: "s", 4: "^", 8: "D"}
-    for r in sorted((r for r in rows if "model_depth" in r and not r.get("depth_check")),
-                    key=lambda r: r["doc_len"]):
+    for r in sorted((r for r in rows if "model_depth" in r and not r.get("depth_check")), key=lambda r: r["doc_len"]):
         comp = {"query_aware": "-qa", "retaining_heads": "-rh"}.get(r.get("compressor"), "")
         if r["hosts"] == 1:
             label, y = "full, 1 GPU (measured)", r["model_depth"]["prefill_s"]
         else:
             label, y = f"{r['strategy']}{comp} H={r['hosts']} (projected)", r["projected"]["prefill_s"]
         ls = "-" if r["hosts"] == 1 else ("--" if comp != "-rh" else ":")
-        s = series.setdefault(label, ([], [], {"color": styles.get(r["strategy"], "gray"), "linestyle": ls,
-                                               "marker": marks.get(r["hosts"], "x")}))
+        s = series.setdefault(
+            label,
+            (
+                [],
+                [],
+                {"color": styles.get(r["strategy"], "gray"), "linestyle": ls, "marker": marks.get(r["hosts"], "x")},
+            ),
+        )
         s[0].append(r["doc_len"])
         s[1].append(y)
     for r in sorted((r for r in rows if "vs_projected" in r), key=lambda r: r["doc_len"]):
@@ -580,14 +759,23 @@ def plot(rows, path, device_name):
         if rep is None:
             continue
         comp = {"query_aware": "-qa", "retaining_heads": "-rh"}.get(r.get("compressor"), "")
-        s = series.setdefault(f"{r['strategy']}{comp} H={r['hosts']} (measured on {r['hosts']} GPUs)",
-                              ([], [], {"color": styles.get(r["strategy"], "gray"), "linestyle": "none",
-                                        "marker": "*", "markersize": 12}))
+        s = series.setdefault(
+            f"{r['strategy']}{comp} H={r['hosts']} (measured on {r['hosts']} GPUs)",
+            (
+                [],
+                [],
+                {"color": styles.get(r["strategy"], "gray"), "linestyle": "none", "marker": "*", "markersize": 12},
+            ),
+        )
         s[0].append(r["doc_len"])  # the real run's measured/projected ratio applied at the model depth
         s[1].append(rep["projected"]["prefill_s"] * r["vs_projected"]["measured_over_projected"])
-    loglog_plot(series, path, f"Llama-shaped prefill (doc + query -> first token) on {device_name}\n"
-                              "projected = busiest host replayed on one device + modelled communication; "
-                              "* = real mesh run")
+    loglog_plot(
+        series,
+        path,
+        f"Llama-shaped prefill (doc + query -> first token) on {device_name}\n"
+        "projected = busiest host replayed on one device + modelled communication; "
+        "* = real mesh run",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -598,7 +786,7 @@ def main(argv=None) -> int:
     if args.from_json:
         return replot(args)
     if args.smoke:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     t_start = time.perf_counter()
     import jax
@@ -612,8 +800,11 @@ def main(argv=None) -> int:
     import common
 
     info = common.device_info()
-    out_path = Path(args.out) if args.out else \
-        Path(args.out_dir) / f"prefill_{common.slug(info['name'])}_{common.today()}.json"
+    out_path = (
+        Path(args.out)
+        if args.out
+        else Path(args.out_dir) / f"prefill_{common.slug(info['name'])}_{common.today()}.json"
+    )
     png_path = out_path.with_suffix(".png")
     cfg_model = model_config(args.model)
     layers_run = min(args.layers or cfg_model.num_layers, cfg_model.num_layers)
@@ -637,16 +828,32 @@ def main(argv=None) -> int:
     else:
         bw = common.spec_bandwidth_model()
 
-    doc = {"benchmark": "prefill", "issue": 11, "device": info, "jax_version": jax.__version__,
-           "date": common.today(), "argv": sys.argv[1:] if argv is None else list(argv), "model": args.model,
-           "config": dataclasses.asdict(cfg_model), "dtype": args.dtype, "layers_run": layers_run,
-           "query_len": args.query_len, "warmup": args.warmup, "repeats": args.repeats,
-           "kernel_backend": backend or "default", "gemm_rate_tflops": gemm_rate / 1e12,
-           "comm_model": bw.describe(), "status": "running", "rows": [],
-           "notes": ["All sequence-parallel times are PROJECTED: the busiest host's exact per-host program replayed "
-                     "on one device (apb_jax.replay) + modelled communication, no overlap assumed.",
-                     "model_depth = measured x layers_model / layers_run (every layer does the same work).",
-                     "full uses cuDNN attention on GPU; apb/star/ring use the pallas_kernels backend named above."]}
+    doc = {
+        "benchmark": "prefill",
+        "issue": 11,
+        "device": info,
+        "jax_version": jax.__version__,
+        "date": common.today(),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "model": args.model,
+        "config": dataclasses.asdict(cfg_model),
+        "dtype": args.dtype,
+        "layers_run": layers_run,
+        "query_len": args.query_len,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "kernel_backend": backend or "default",
+        "gemm_rate_tflops": gemm_rate / 1e12,
+        "comm_model": bw.describe(),
+        "status": "running",
+        "rows": [],
+        "notes": [
+            "All sequence-parallel times are PROJECTED: the busiest host's exact per-host program replayed "
+            "on one device (apb_jax.replay) + modelled communication, no overlap assumed.",
+            "model_depth = measured x layers_model / layers_run (every layer does the same work).",
+            "full uses cuDNN attention on GPU; apb/star/ring use the pallas_kernels backend named above.",
+        ],
+    }
 
     def save():
         add_comparisons(doc["rows"])
@@ -657,9 +864,12 @@ def main(argv=None) -> int:
 
     rate_guess = (0.45 if on_gpu else 0.3) * gemm_rate
     grid = build_grid(args, cfg_model, layers_run, rate_guess, 0.8 if on_gpu else 0.3)
-    print(f"{info['name']} x{info['count']}, jax {jax.__version__}, backend {backend or 'default'}, "
-          f"matmul {gemm_rate / 1e12:.0f} TFLOP/s; {len(grid)} points, {layers_run}/{cfg_model.num_layers} layers; "
-          f"comm: {bw.source}", flush=True)
+    print(
+        f"{info['name']} x{info['count']}, jax {jax.__version__}, backend {backend or 'default'}, "
+        f"matmul {gemm_rate / 1e12:.0f} TFLOP/s; {len(grid)} points, {layers_run}/{cfg_model.num_layers} layers; "
+        f"comm: {bw.source}",
+        flush=True,
+    )
     save()
     rng = np.random.default_rng(args.seed)
     heads = None
@@ -671,9 +881,16 @@ def main(argv=None) -> int:
         n = pt.layers or layers_run
         elapsed = time.perf_counter() - t_start
         if args.budget_s is not None and elapsed + pt.est_s > args.budget_s:
-            doc["rows"].append({"name": pt.name, "strategy": pt.strategy, "hosts": pt.hosts, "doc_len": pt.length,
-                                "skipped": f"time budget ({elapsed:.0f}s spent, ~{pt.est_s:.0f}s estimated, "
-                                           f"budget {args.budget_s:.0f}s)"})
+            doc["rows"].append(
+                {
+                    "name": pt.name,
+                    "strategy": pt.strategy,
+                    "hosts": pt.hosts,
+                    "doc_len": pt.length,
+                    "skipped": f"time budget ({elapsed:.0f}s spent, ~{pt.est_s:.0f}s estimated, "
+                    f"budget {args.budget_s:.0f}s)",
+                }
+            )
             continue
         try:
             if model_layers != n:
@@ -706,8 +923,9 @@ def main(argv=None) -> int:
                 doc["rows"].append(run_real(pt, model, heads, args, backend, rng))
         except Exception as e:  # noqa: BLE001 - one point's failure (e.g. out of memory) must not end the grid
             msg = f"{type(e).__name__}: {e}"
-            doc["rows"].append({"name": pt.name, "strategy": pt.strategy, "hosts": pt.hosts, "doc_len": pt.length,
-                                "error": msg[:2000]})
+            doc["rows"].append(
+                {"name": pt.name, "strategy": pt.strategy, "hosts": pt.hosts, "doc_len": pt.length, "error": msg[:2000]}
+            )
             print(f"\n{pt.name} failed: {msg[:400]}", flush=True)
             if not _is_oom(msg):
                 traceback.print_exc()
@@ -735,10 +953,17 @@ def replot(args) -> int:
         if other["device"]["name"] != d["device"]["name"]:
             raise SystemExit(f"{other['device']['name']} != {d['device']['name']}: merge results of one device only")
         have = {(r["name"], r.get("mode")) for r in d["rows"] if "model_depth" in r or "measured" in r}
-        d["rows"] = [r for r in d["rows"] if not (r.get("skipped") and any(
-            o["name"] == r["name"] and "model_depth" in o for o in other["rows"]))]
-        d["rows"] += [r for r in other["rows"] if (r["name"], r.get("mode")) not in have and not (
-            r.get("skipped") and any(x["name"] == r["name"] for x in d["rows"]))]
+        d["rows"] = [
+            r
+            for r in d["rows"]
+            if not (r.get("skipped") and any(o["name"] == r["name"] and "model_depth" in o for o in other["rows"]))
+        ]
+        d["rows"] += [
+            r
+            for r in other["rows"]
+            if (r["name"], r.get("mode")) not in have
+            and not (r.get("skipped") and any(x["name"] == r["name"] for x in d["rows"]))
+        ]
         d.setdefault("merged_from", []).append({"argv": other["argv"], "elapsed_s": other.get("elapsed_s")})
     gemm = d["gemm_rate_tflops"] * 1e12
     add_comparisons(d["rows"])
@@ -766,8 +991,12 @@ def check_json(path) -> int:
     d = json.loads(Path(path).read_text())
     rows = d["rows"]
     errors = [r for r in rows if r.get("error")]
-    need = {("full", "single device"), ("apb", "replay of the busiest host"), ("star", "replay of the busiest host"),
-            ("ring", "replay of the busiest host")}
+    need = {
+        ("full", "single device"),
+        ("apb", "replay of the busiest host"),
+        ("star", "replay of the busiest host"),
+        ("ring", "replay of the busiest host"),
+    }
     have = {(r["strategy"], r.get("mode")) for r in rows if "model_depth" in r}
     real = {r["strategy"] for r in rows if r.get("mode", "").startswith("real")}
     problems = []
@@ -779,7 +1008,8 @@ def check_json(path) -> int:
         problems.append(f"missing real mesh runs: {sorted({'apb', 'star', 'ring'} - real)}")
     for r in rows:
         if r.get("mode", "").startswith("real") and not 0 < r.get("vs_projected", {}).get(
-                "measured_over_projected", float("nan")) < float("inf"):
+            "measured_over_projected", float("nan")
+        ) < float("inf"):
             problems.append(f"{r['name']} has no comparison with its projection")
         if r.get("hosts", 1) > 1 and "model_depth" in r and r["projected"]["label"] != "projected":
             problems.append(f"{r['name']} not labelled projected")

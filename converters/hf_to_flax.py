@@ -11,6 +11,7 @@ Three layers, each usable alone:
 Flax paths mirror HF names: `model.layers.3.self_attn.q_proj.weight` [out, in] -> ("layers", 3, "self_attn",
 "q_proj", "kernel") [in, out].
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,9 +31,18 @@ FlaxPath = tuple[Any, ...]
 PARAMS_DIR = "params"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -41,8 +51,9 @@ _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 # ----------------------------------------------------------------------------------------------- names (pure)
 
+
 def _strip(hf_name: str) -> str:
-    return hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
+    return hf_name[len("model.") :] if hf_name.startswith("model.") else hf_name
 
 
 def is_ignored(hf_name: str, config: ModelConfig) -> bool:
@@ -73,12 +84,17 @@ def hf_to_flax_path(hf_name: str, config: ModelConfig) -> FlaxPath | None:
         i, rest = int(m.group(1)), m.group(2).split(".")
         if len(rest) == 2 and rest[0] in ("input_layernorm", "post_attention_layernorm") and rest[1] == "weight":
             return ("layers", i, rest[0], "scale")
-        if len(rest) == 3 and rest[2] in ("weight", "bias") and (
-                (rest[0] == "self_attn" and rest[1] in _ATTN) or (rest[0] == "mlp" and rest[1] in _MLP)):
+        if (
+            len(rest) == 3
+            and rest[2] in ("weight", "bias")
+            and ((rest[0] == "self_attn" and rest[1] in _ATTN) or (rest[0] == "mlp" and rest[1] in _MLP))
+        ):
             return ("layers", i, rest[0], rest[1], "kernel" if rest[2] == "weight" else "bias")
-    raise ValueError(f"unknown tensor {hf_name!r}: it is no parameter of a {config.model_type} decoder "
-                     f"(expected embed_tokens, layers.N.{{input,post_attention}}_layernorm, "
-                     f"layers.N.self_attn.{{q,k,v,o}}_proj, layers.N.mlp.{{gate,up,down}}_proj, norm, lm_head)")
+    raise ValueError(
+        f"unknown tensor {hf_name!r}: it is no parameter of a {config.model_type} decoder "
+        f"(expected embed_tokens, layers.N.{{input,post_attention}}_layernorm, "
+        f"layers.N.self_attn.{{q,k,v,o}}_proj, layers.N.mlp.{{gate,up,down}}_proj, norm, lm_head)"
+    )
 
 
 def flax_to_hf_name(path: FlaxPath) -> str:
@@ -89,8 +105,9 @@ def flax_to_hf_name(path: FlaxPath) -> str:
         return ".".join(["model.layers", str(path[1]), *mid, leaf])
     if path == ("lm_head", "kernel"):
         return "lm_head.weight"
-    return {("embed_tokens", "embedding"): "model.embed_tokens.weight",
-            ("norm", "scale"): "model.norm.weight"}.get(tuple(path), ".".join(map(str, path)))
+    return {("embed_tokens", "embedding"): "model.embed_tokens.weight", ("norm", "scale"): "model.norm.weight"}.get(
+        tuple(path), ".".join(map(str, path))
+    )
 
 
 def split_fused(hf_name: str, config: ModelConfig) -> list[tuple[str, int]] | None:
@@ -100,11 +117,17 @@ def split_fused(hf_name: str, config: ModelConfig) -> list[tuple[str, int]] | No
     up (intermediate rows each).
     """
     cfg = config
-    for fused, parts in (("self_attn.qkv_proj", (("q_proj", cfg.num_heads * cfg.head_dim),
-                                                  ("k_proj", cfg.num_kv_heads * cfg.head_dim),
-                                                  ("v_proj", cfg.num_kv_heads * cfg.head_dim))),
-                         ("mlp.gate_up_proj", (("gate_proj", cfg.intermediate_size),
-                                               ("up_proj", cfg.intermediate_size)))):
+    for fused, parts in (
+        (
+            "self_attn.qkv_proj",
+            (
+                ("q_proj", cfg.num_heads * cfg.head_dim),
+                ("k_proj", cfg.num_kv_heads * cfg.head_dim),
+                ("v_proj", cfg.num_kv_heads * cfg.head_dim),
+            ),
+        ),
+        ("mlp.gate_up_proj", (("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size))),
+    ):
         key = f".{fused}."
         if key in hf_name:
             head, tail = hf_name.split(key)
@@ -122,6 +145,7 @@ def _fmt(path: FlaxPath) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- plan (pure)
+
 
 @dataclasses.dataclass(frozen=True)
 class Part:
@@ -148,8 +172,9 @@ def expected_params(config: ModelConfig, dtype) -> dict[FlaxPath, Any]:
     return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
-def plan(tensors: dict[str, tuple[tuple[int, ...], Path]], config: ModelConfig,
-         expected: dict[FlaxPath, Any]) -> list[Entry]:
+def plan(
+    tensors: dict[str, tuple[tuple[int, ...], Path]], config: ModelConfig, expected: dict[FlaxPath, Any]
+) -> list[Entry]:
     """Map every HF tensor (name -> (shape, file)) to Flax params and check names and shapes, reading no data.
 
     Raises ValueError naming the HF tensor, the Flax path and both shapes on an unknown, extra, duplicate,
@@ -165,8 +190,9 @@ def plan(tensors: dict[str, tuple[tuple[int, ...], Path]], config: ModelConfig,
             total = sum(r for _, r in fused)
             if len(shape) not in (1, 2) or shape[0] != total:
                 split = " + ".join(f"{n.rsplit('.', 2)[-2]} {r}" for n, r in fused)
-                raise ValueError(f"fused tensor {hf_name!r} in {file.name} has shape {list(shape)}; expected "
-                                 f"{total} rows ({split})")
+                raise ValueError(
+                    f"fused tensor {hf_name!r} in {file.name} has shape {list(shape)}; expected {total} rows ({split})"
+                )
         parts, start = [], 0
         for part_name, rows in fused or [(hf_name, None)]:
             try:
@@ -175,21 +201,32 @@ def plan(tensors: dict[str, tuple[tuple[int, ...], Path]], config: ModelConfig,
                 raise ValueError(f"{e}; found in {file.name} with shape {list(shape)}") from None
             part_shape = shape if rows is None else (rows, *shape[1:])
             if path not in expected:
-                raise ValueError(f"extra tensor {part_name!r} in {file.name} (shape {list(part_shape)}): Flax path "
-                                 f"{_fmt(path)} is not in this {config.model_type} model "
-                                 f"(num_layers={config.num_layers}, tie_word_embeddings={config.tie_word_embeddings}, "
-                                 f"qkv_bias={config.qkv_bias}, o_bias={config.o_bias}, mlp_bias={config.mlp_bias})")
+                raise ValueError(
+                    f"extra tensor {part_name!r} in {file.name} (shape {list(part_shape)}): Flax path "
+                    f"{_fmt(path)} is not in this {config.model_type} model "
+                    f"(num_layers={config.num_layers}, tie_word_embeddings={config.tie_word_embeddings}, "
+                    f"qkv_bias={config.qkv_bias}, o_bias={config.o_bias}, mlp_bias={config.mlp_bias})"
+                )
             want = tuple(expected[path].shape)
             got = _hf_shape_to_flax(path, part_shape)
             if got != want:
-                raise ValueError(f"tensor {part_name!r} in {file.name} has HF shape {list(part_shape)} (Flax {got}) "
-                                 f"but Flax path {_fmt(path)} expects {want} (HF {list(_hf_shape_to_flax(path, want))})")
+                raise ValueError(
+                    f"tensor {part_name!r} in {file.name} has HF shape {list(part_shape)} (Flax {got}) "
+                    f"but Flax path {_fmt(path)} expects {want} (HF {list(_hf_shape_to_flax(path, want))})"
+                )
             if path in seen:
-                raise ValueError(f"tensor {part_name!r} in {file.name} maps to Flax path {_fmt(path)}, "
-                                 f"already set by {seen[path]!r}")
+                raise ValueError(
+                    f"tensor {part_name!r} in {file.name} maps to Flax path {_fmt(path)}, already set by {seen[path]!r}"
+                )
             seen[path] = part_name
-            parts.append(Part(path=path, hf_name=part_name,
-                              rows=None if rows is None else (start, start + rows), transpose=path[-1] == "kernel"))
+            parts.append(
+                Part(
+                    path=path,
+                    hf_name=part_name,
+                    rows=None if rows is None else (start, start + rows),
+                    transpose=path[-1] == "kernel",
+                )
+            )
             start += rows or 0
         entries.append(Entry(hf_name=hf_name, file=file, parts=tuple(parts)))
     missing = [p for p in expected if p not in seen]
@@ -202,6 +239,7 @@ def plan(tensors: dict[str, tuple[tuple[int, ...], Path]], config: ModelConfig,
 
 # ----------------------------------------------------------------------------------------------- reading
 
+
 def _np_dtype(dtype) -> np.dtype:
     from apb_jax.model import resolve_dtype
 
@@ -213,8 +251,10 @@ def weight_files(src: str | Path) -> tuple[str, list[Path]]:
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(src)!r} does not exist")
-    for kind, index, single, pattern in (("safetensors", SAFETENSORS_INDEX, "model.safetensors", "*.safetensors"),
-                                         ("bin", BIN_INDEX, "pytorch_model.bin", "pytorch_model*.bin")):
+    for kind, index, single, pattern in (
+        ("safetensors", SAFETENSORS_INDEX, "model.safetensors", "*.safetensors"),
+        ("bin", BIN_INDEX, "pytorch_model.bin", "pytorch_model*.bin"),
+    ):
         if (src / index).is_file():
             names = sorted(set(json.loads((src / index).read_text())["weight_map"].values()))
             files = [src / n for n in names]
@@ -227,16 +267,27 @@ def weight_files(src: str | Path) -> tuple[str, list[Path]]:
         found = sorted(src.glob(pattern))
         if found:
             return kind, found
-    raise FileNotFoundError(f"no weights in {src}: expected model.safetensors, {SAFETENSORS_INDEX} with shards, "
-                            f"or pytorch_model.bin")
+    raise FileNotFoundError(
+        f"no weights in {src}: expected model.safetensors, {SAFETENSORS_INDEX} with shards, or pytorch_model.bin"
+    )
 
 
 def _read_safetensors_raw(file: Path, name: str) -> np.ndarray:
     """One tensor straight from the file bytes (for safetensors builds whose numpy backend lacks bfloat16)."""
     import ml_dtypes
 
-    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+    dtypes = {
+        "F32": np.float32,
+        "F16": np.float16,
+        "BF16": ml_dtypes.bfloat16,
+        "F64": np.float64,
+        "I64": np.int64,
+        "I32": np.int32,
+        "I16": np.int16,
+        "I8": np.int8,
+        "U8": np.uint8,
+        "BOOL": np.bool_,
+    }
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         meta = json.loads(f.read(n))[name]
@@ -301,8 +352,9 @@ def _iter_file(kind: str, file: Path, names: list[str]) -> Iterator[tuple[str, n
         del sd
 
 
-def load_hf_params(src: str | Path, config: ModelConfig | None = None, dtype=None, *,
-                   progress: bool = False) -> dict[FlaxPath, np.ndarray]:
+def load_hf_params(
+    src: str | Path, config: ModelConfig | None = None, dtype=None, *, progress: bool = False
+) -> dict[FlaxPath, np.ndarray]:
     """Every param of the HF checkpoint in `src` as {Flax path: host numpy array in `dtype`}.
 
     `config` defaults to `src/config.json`; `dtype` None keeps the checkpoint's (`config.dtype`).  Names and shapes
@@ -324,7 +376,7 @@ def load_hf_params(src: str | Path, config: ModelConfig | None = None, dtype=Non
             file_entries = {e.hf_name: e for e in by_file.get(file, [])}
             for name, arr in _iter_file(kind, file, list(file_entries)):
                 for part in file_entries[name].parts:
-                    a = arr if part.rows is None else arr[part.rows[0]:part.rows[1]]
+                    a = arr if part.rows is None else arr[part.rows[0] : part.rows[1]]
                     a = a.astype(dt, copy=False)
                     out[part.path] = np.ascontiguousarray(a.T if part.transpose else a)
                 del arr
@@ -333,6 +385,7 @@ def load_hf_params(src: str | Path, config: ModelConfig | None = None, dtype=Non
 
 
 # ----------------------------------------------------------------------------------------------- orbax
+
 
 def nest(flat: dict[FlaxPath, Any]) -> dict[str, Any]:
     """{("layers", 0, "mlp", ...): x} -> {"layers": {"0": {"mlp": ...}}} (string keys, as orbax stores them)."""
@@ -369,12 +422,16 @@ def restore_params(directory: str | Path, expected: dict[FlaxPath, Any]) -> dict
         extra = sorted(set(stored) - set(want))
         missing = sorted(set(want) - set(stored))
         if extra or missing:
-            raise ValueError(f"orbax checkpoint {directory} does not match the model: missing "
-                             f"{['/'.join(p) for p in missing[:8]]}, extra {['/'.join(p) for p in extra[:8]]}")
+            raise ValueError(
+                f"orbax checkpoint {directory} does not match the model: missing "
+                f"{['/'.join(p) for p in missing[:8]]}, extra {['/'.join(p) for p in extra[:8]]}"
+            )
         for key, (path, shape) in want.items():
             if stored[key] is not None and tuple(stored[key]) != shape:
-                raise ValueError(f"orbax checkpoint {directory}: {_fmt(path)} has shape {tuple(stored[key])}, "
-                                 f"the model expects {shape}")
+                raise ValueError(
+                    f"orbax checkpoint {directory}: {_fmt(path)} has shape {tuple(stored[key])}, "
+                    f"the model expects {shape}"
+                )
     args = nest({p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.dtype(s.dtype)) for p, s in expected.items()})
     tree = ckpt.restore(directory, restore_args=args)
     out: dict[FlaxPath, np.ndarray] = {}
@@ -384,8 +441,9 @@ def restore_params(directory: str | Path, expected: dict[FlaxPath, Any]) -> dict
             node = node[str(key)]
         arr = np.asarray(node)
         if arr.shape != tuple(s.shape):
-            raise ValueError(f"orbax checkpoint {directory}: {_fmt(path)} has shape {arr.shape}, "
-                             f"the model expects {tuple(s.shape)}")
+            raise ValueError(
+                f"orbax checkpoint {directory}: {_fmt(path)} has shape {arr.shape}, the model expects {tuple(s.shape)}"
+            )
         out[path] = arr
     return out
 
@@ -415,8 +473,8 @@ def _stored_shapes(ckpt, directory: Path) -> dict[tuple[str, ...], tuple[int, ..
 
 # ----------------------------------------------------------------------------------------------- convert
 
-def convert(src: str | Path, dst: str | Path, *, dtype=None, progress: bool = True,
-            overwrite: bool = False) -> Path:
+
+def convert(src: str | Path, dst: str | Path, *, dtype=None, progress: bool = True, overwrite: bool = False) -> Path:
     """Convert the HF directory `src` into `dst`: `params/` (orbax), `config.json`, tokenizer files.
 
     `dtype` None keeps the checkpoint's dtype (config `dtype`/`torch_dtype`, else float32); "float32"/"bfloat16"/
@@ -449,6 +507,8 @@ def convert(src: str | Path, dst: str | Path, *, dtype=None, progress: bool = Tr
     n_bytes = sum(a.nbytes for a in flat.values())
     n_tensors = len(flat)
     del flat
-    print(f"converted {src} -> {dst}: {n_tensors} tensors, {n_params:,} params, {n_bytes / 2**20:.1f} MiB "
-          f"{dtype_name}, {time.perf_counter() - t0:.1f}s")
+    print(
+        f"converted {src} -> {dst}: {n_tensors} tensors, {n_params:,} params, {n_bytes / 2**20:.1f} MiB "
+        f"{dtype_name}, {time.perf_counter() - t0:.1f}s"
+    )
     return dst

@@ -4,6 +4,7 @@ Released heads are torch state dicts whose keys end in `layers.{i}.self_attn.fc1
 [out, in] layout): fc1 [R, (H + 2 KVH) D], fc2 [KVH, R].  `.bin`/`.pt` files load with torch (weights only),
 `.safetensors` directly; a directory may hold one such file.
 """
+
 from __future__ import annotations
 
 import re
@@ -26,8 +27,10 @@ def _find_file(path: Path) -> Path:
         files = sorted(p for p in path.iterdir() if p.suffix in _SUFFIXES)
         if len(files) == 1:
             return files[0]
-        raise ValueError(f"retaining_heads={str(path)!r}: expected exactly one of {_SUFFIXES} in the directory, "
-                         f"found {[p.name for p in files]}")
+        raise ValueError(
+            f"retaining_heads={str(path)!r}: expected exactly one of {_SUFFIXES} in the directory, "
+            f"found {[p.name for p in files]}"
+        )
     raise FileNotFoundError(f"retaining_heads={str(path)!r} does not exist")
 
 
@@ -65,30 +68,39 @@ def heads_from_state_dict(sd: dict[str, np.ndarray], config: ModelConfig, dtype=
             continue
         found[(int(m.group(1)), m.group(2))] = v
     if unknown:
-        raise ValueError(f"unexpected tensors in the retaining-heads checkpoint (only layers.N.self_attn.fc1/fc2"
-                         f".weight are allowed): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        raise ValueError(
+            f"unexpected tensors in the retaining-heads checkpoint (only layers.N.self_attn.fc1/fc2"
+            f".weight are allowed): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+        )
     d_in = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
     fc1s, fc2s = [], []
     hidden = None
     for i in range(config.num_layers):
         for name in ("fc1", "fc2"):
             if (i, name) not in found:
-                raise ValueError(f"retaining heads: missing layers.{i}.self_attn.{name}.weight "
-                                 f"(the model has {config.num_layers} layers)")
+                raise ValueError(
+                    f"retaining heads: missing layers.{i}.self_attn.{name}.weight "
+                    f"(the model has {config.num_layers} layers)"
+                )
         w1, w2 = found.pop((i, "fc1")), found.pop((i, "fc2"))
         hidden = w1.shape[0] if hidden is None else hidden
         want1, want2 = (hidden, d_in), (config.num_kv_heads, hidden)
         if w1.shape != want1:
-            raise ValueError(f"layers.{i}.self_attn.fc1.weight has shape {w1.shape}; expected {want1} "
-                             f"([hidden, (heads + 2 * kv_heads) * head_dim] for this model)")
+            raise ValueError(
+                f"layers.{i}.self_attn.fc1.weight has shape {w1.shape}; expected {want1} "
+                f"([hidden, (heads + 2 * kv_heads) * head_dim] for this model)"
+            )
         if w2.shape != want2:
-            raise ValueError(f"layers.{i}.self_attn.fc2.weight has shape {w2.shape}; expected {want2} "
-                             f"([kv_heads, hidden])")
+            raise ValueError(
+                f"layers.{i}.self_attn.fc2.weight has shape {w2.shape}; expected {want2} ([kv_heads, hidden])"
+            )
         fc1s.append(jnp.asarray(w1.T, dtype))
         fc2s.append(jnp.asarray(w2.T, dtype))
     if found:
         extra = sorted(f"layers.{i}.self_attn.{n}.weight" for i, n in found)
-        raise ValueError(f"retaining heads for layers the model does not have ({config.num_layers} layers): {extra[:5]}")
+        raise ValueError(
+            f"retaining heads for layers the model does not have ({config.num_layers} layers): {extra[:5]}"
+        )
     return RetainingHeads(tuple(fc1s), tuple(fc2s), act=config.hidden_act)
 
 
@@ -96,14 +108,16 @@ def load_retaining_heads(path: str | Path, config: ModelConfig, dtype=jnp.bfloat
     return heads_from_state_dict(read_state_dict(path), config, dtype)
 
 
-def random_retaining_heads(config: ModelConfig, *, hidden: int = 1024, seed: int = 0,
-                           dtype=jnp.float32) -> RetainingHeads:
+def random_retaining_heads(
+    config: ModelConfig, *, hidden: int = 1024, seed: int = 0, dtype=jnp.float32
+) -> RetainingHeads:
     """Random heads of the released shape (for tests and benchmarks)."""
     rng = np.random.default_rng(seed)
     d_in = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-    fc1 = tuple(jnp.asarray(rng.normal(0, d_in ** -0.5, (d_in, hidden)), dtype) for _ in range(config.num_layers))
-    fc2 = tuple(jnp.asarray(rng.normal(0, hidden ** -0.5, (hidden, config.num_kv_heads)), dtype)
-                for _ in range(config.num_layers))
+    fc1 = tuple(jnp.asarray(rng.normal(0, d_in**-0.5, (d_in, hidden)), dtype) for _ in range(config.num_layers))
+    fc2 = tuple(
+        jnp.asarray(rng.normal(0, hidden**-0.5, (hidden, config.num_kv_heads)), dtype) for _ in range(config.num_layers)
+    )
     return RetainingHeads(fc1, fc2, act=config.hidden_act)
 
 

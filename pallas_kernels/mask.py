@@ -24,6 +24,7 @@ each q block, which key blocks of each segment are empty (skipped), full (no
 per-element mask) or partial (masked). The kernels compute the same numbers from
 the program id; tests check both against the dense mask.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,107 +34,110 @@ import numpy as np
 
 
 def cdiv(a: int, b: int) -> int:
-  return -(-a // b)
+    return -(-a // b)
 
 
 @dataclasses.dataclass(frozen=True)
 class ApbMask:
-  """The APB mask of one call: static lengths, `causal` flag."""
-  tq: int
-  tk: int
-  anchor_len: int
-  causal: bool = True
+    """The APB mask of one call: static lengths, `causal` flag."""
 
-  @property
-  def pk(self) -> int:
-    return self.tk - self.tq
+    tq: int
+    tk: int
+    anchor_len: int
+    causal: bool = True
 
-  def m_end(self, rows):
-    """Visible main-segment keys [0, m_end) of each row (numpy or jnp ints)."""
-    lib = jnp if isinstance(rows, jnp.ndarray) else np
-    if self.causal:
-      return rows + 1
-    return lib.where(rows < self.anchor_len, rows + 1, self.tq)
+    @property
+    def pk(self) -> int:
+        return self.tk - self.tq
 
-  def p_end(self, rows, passing_valid):
-    """Visible passing keys [0, p_end) of each row."""
-    lib = jnp if isinstance(rows, jnp.ndarray) or not isinstance(passing_valid, (int, np.integer)) else np
-    return lib.where(rows >= self.anchor_len, passing_valid, 0)
+    def m_end(self, rows):
+        """Visible main-segment keys [0, m_end) of each row (numpy or jnp ints)."""
+        lib = jnp if isinstance(rows, jnp.ndarray) else np
+        if self.causal:
+            return rows + 1
+        return lib.where(rows < self.anchor_len, rows + 1, self.tq)
 
-  def k_ranges(self, passing_valid=None):
-    """tokamax-style ranges: (k_start [Tq], k_end [Tq], causal_offset, hole).
+    def p_end(self, rows, passing_valid):
+        """Visible passing keys [0, p_end) of each row."""
+        lib = jnp if isinstance(rows, jnp.ndarray) or not isinstance(passing_valid, (int, np.integer)) else np
+        return lib.where(rows >= self.anchor_len, passing_valid, 0)
 
-    hole = (passing_valid, Pk): keys in it are invisible to every row.
-    """
-    pv = self.pk if passing_valid is None else passing_valid
-    rows = np.arange(self.tq)
-    k_start = np.where(rows >= self.anchor_len, 0, self.pk)
-    k_end = self.pk + self.m_end(rows)
-    return k_start, k_end, self.pk, (pv, self.pk)
+    def k_ranges(self, passing_valid=None):
+        """tokamax-style ranges: (k_start [Tq], k_end [Tq], causal_offset, hole).
 
-  def dense(self, passing_valid=None, kv_valid=None):
-    """bool [Tq, Tk] (or [batch, Tq, Tk] with a batched kv_valid); for the reference and tests.
+        hole = (passing_valid, Pk): keys in it are invisible to every row.
+        """
+        pv = self.pk if passing_valid is None else passing_valid
+        rows = np.arange(self.tq)
+        k_start = np.where(rows >= self.anchor_len, 0, self.pk)
+        k_end = self.pk + self.m_end(rows)
+        return k_start, k_end, self.pk, (pv, self.pk)
 
-    numpy when every input is concrete numpy/int, jnp otherwise (traced passing_valid).
-    """
-    pv = self.pk if passing_valid is None else passing_valid
-    concrete = isinstance(pv, (int, np.integer)) and (kv_valid is None or isinstance(kv_valid, np.ndarray))
-    lib = np if concrete else jnp
-    rows = lib.arange(self.tq)[:, None]
-    keys = lib.arange(self.tk)[None, :]
-    j = keys - self.pk
-    m_end = rows + 1 if self.causal else lib.where(rows < self.anchor_len, rows + 1, self.tq)
-    in_main = (j >= 0) & (j < m_end)
-    in_pass = (keys < lib.minimum(lib.where(rows >= self.anchor_len, pv, 0), self.pk))
-    mask = in_main | in_pass
-    if kv_valid is not None:
-      mask = mask & lib.asarray(kv_valid, bool)[..., None, :]
-    return mask
+    def dense(self, passing_valid=None, kv_valid=None):
+        """bool [Tq, Tk] (or [batch, Tq, Tk] with a batched kv_valid); for the reference and tests.
 
-  def block_table(self, block_q: int, block_k: int, passing_valid: int | None = None,
-                  has_kv_valid: bool = False) -> np.ndarray:
-    """int32 [n_q_blocks, 4]: (p_full, p_hi, m_full, m_hi) key blocks of each q block.
+        numpy when every input is concrete numpy/int, jnp otherwise (traced passing_valid).
+        """
+        pv = self.pk if passing_valid is None else passing_valid
+        concrete = isinstance(pv, (int, np.integer)) and (kv_valid is None or isinstance(kv_valid, np.ndarray))
+        lib = np if concrete else jnp
+        rows = lib.arange(self.tq)[:, None]
+        keys = lib.arange(self.tk)[None, :]
+        j = keys - self.pk
+        m_end = rows + 1 if self.causal else lib.where(rows < self.anchor_len, rows + 1, self.tq)
+        in_main = (j >= 0) & (j < m_end)
+        in_pass = keys < lib.minimum(lib.where(rows >= self.anchor_len, pv, 0), self.pk)
+        mask = in_main | in_pass
+        if kv_valid is not None:
+            mask = mask & lib.asarray(kv_valid, bool)[..., None, :]
+        return mask
 
-    Passing key blocks [0, p_full) need no mask, [p_full, p_hi) need one, the rest
-    are skipped; likewise main-segment blocks (block j covers keys
-    Pk + [j*block_k, (j+1)*block_k)).
-    """
-    pv = self.pk if passing_valid is None else int(passing_valid)
-    nqb = cdiv(self.tq, block_q)
-    out = np.zeros((nqb, 4), np.int32)
-    for qb in range(nqb):
-      r0 = qb * block_q
-      r1 = min(r0 + block_q, self.tq) - 1  # last real row
-      has_local = r1 >= self.anchor_len
-      all_local = r0 >= self.anchor_len
-      p_hi = cdiv(pv, block_k) if has_local else 0
-      p_full = pv // block_k if (all_local and not has_kv_valid) else 0
-      m_hi = cdiv(int(self.m_end(np.int64(r1))), block_k)
-      m_full = 0 if has_kv_valid else int(self.m_end(np.int64(r0))) // block_k
-      out[qb] = (min(p_full, p_hi), p_hi, min(m_full, m_hi), m_hi)
-    return out
+    def block_table(
+        self, block_q: int, block_k: int, passing_valid: int | None = None, has_kv_valid: bool = False
+    ) -> np.ndarray:
+        """int32 [n_q_blocks, 4]: (p_full, p_hi, m_full, m_hi) key blocks of each q block.
 
-  def useful_pairs(self, passing_valid: int | None = None) -> int:
-    """Number of visible (row, key) pairs, for useful-FLOP counts."""
-    pv = self.pk if passing_valid is None else int(passing_valid)
-    rows = np.arange(self.tq, dtype=np.int64)
-    return int(self.m_end(rows).sum() + np.minimum(self.p_end(rows, pv), self.pk).sum())
+        Passing key blocks [0, p_full) need no mask, [p_full, p_hi) need one, the rest
+        are skipped; likewise main-segment blocks (block j covers keys
+        Pk + [j*block_k, (j+1)*block_k)).
+        """
+        pv = self.pk if passing_valid is None else int(passing_valid)
+        nqb = cdiv(self.tq, block_q)
+        out = np.zeros((nqb, 4), np.int32)
+        for qb in range(nqb):
+            r0 = qb * block_q
+            r1 = min(r0 + block_q, self.tq) - 1  # last real row
+            has_local = r1 >= self.anchor_len
+            all_local = r0 >= self.anchor_len
+            p_hi = cdiv(pv, block_k) if has_local else 0
+            p_full = pv // block_k if (all_local and not has_kv_valid) else 0
+            m_hi = cdiv(int(self.m_end(np.int64(r1))), block_k)
+            m_full = 0 if has_kv_valid else int(self.m_end(np.int64(r0))) // block_k
+            out[qb] = (min(p_full, p_hi), p_hi, min(m_full, m_hi), m_hi)
+        return out
+
+    def useful_pairs(self, passing_valid: int | None = None) -> int:
+        """Number of visible (row, key) pairs, for useful-FLOP counts."""
+        pv = self.pk if passing_valid is None else int(passing_valid)
+        rows = np.arange(self.tq, dtype=np.int64)
+        return int(self.m_end(rows).sum() + np.minimum(self.p_end(rows, pv), self.pk).sum())
 
 
 def pad_passing(k, v, kv_valid, pk: int, multiple: int):
-  """Re-lays keys [passing (pk) | rest] as [passing | zeros | rest] with the passing block
-  padded to a multiple of `multiple` rows; k, v: [B, Tk, KVH, D], kv_valid [B, Tk] | None.
+    """Re-lays keys [passing (pk) | rest] as [passing | zeros | rest] with the passing block
+    padded to a multiple of `multiple` rows; k, v: [B, Tk, KVH, D], kv_valid [B, Tk] | None.
 
-  The gap sits past any passing_valid <= pk, so no row sees it. Returns (k, v, kv_valid, pk_pad).
-  """
-  pk_pad = cdiv(pk, multiple) * multiple
-  if pk_pad == pk:
-    return k, v, kv_valid, pk
-  b = k.shape[0]
-  gap = jnp.zeros((b, pk_pad - pk) + k.shape[2:], k.dtype)
-  k = jnp.concatenate([k[:, :pk], gap, k[:, pk:]], axis=1)
-  v = jnp.concatenate([v[:, :pk], gap, v[:, pk:]], axis=1)
-  if kv_valid is not None:
-    kv_valid = jnp.concatenate([kv_valid[:, :pk], jnp.zeros((b, pk_pad - pk), kv_valid.dtype),
-                                kv_valid[:, pk:]], axis=1)
-  return k, v, kv_valid, pk_pad
+    The gap sits past any passing_valid <= pk, so no row sees it. Returns (k, v, kv_valid, pk_pad).
+    """
+    pk_pad = cdiv(pk, multiple) * multiple
+    if pk_pad == pk:
+        return k, v, kv_valid, pk
+    b = k.shape[0]
+    gap = jnp.zeros((b, pk_pad - pk) + k.shape[2:], k.dtype)
+    k = jnp.concatenate([k[:, :pk], gap, k[:, pk:]], axis=1)
+    v = jnp.concatenate([v[:, :pk], gap, v[:, pk:]], axis=1)
+    if kv_valid is not None:
+        kv_valid = jnp.concatenate(
+            [kv_valid[:, :pk], jnp.zeros((b, pk_pad - pk), kv_valid.dtype), kv_valid[:, pk:]], axis=1
+        )
+    return k, v, kv_valid, pk_pad

@@ -4,6 +4,7 @@ Every builder saves with `save_pretrained(safe_serialization=True)` into `tmpdir
 Weights are seeded and every tensor is randomized, including biases and RMSNorm scales (a default of 1 or 0 hides
 bugs).  Shapes: hidden 64, 2 layers, 4 query heads over 2 KV heads (GQA), head_dim 16, vocab 128.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,31 @@ import numpy as np
 
 VOCAB = 128
 BOS, EOS = 1, 2
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=BOS,
-               eos_token_id=EOS)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+)
 
 # rope_type -> HF rope parameters; original_max_position_embeddings 32 makes llama3 scaling bite at ~40 tokens
 ROPE = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
     "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
-    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
 }
 
 
@@ -55,8 +71,17 @@ def _save(model, out: Path, *, sharded: bool, dtype: str) -> Path:
     return out
 
 
-def make_tiny_llama(tmpdir, *, llama3_rope: bool = True, rope_type: str | None = None, sharded: bool = False,
-                    tie: bool = False, dtype: str = "float32", seed: int = 0, name: str | None = None) -> Path:
+def make_tiny_llama(
+    tmpdir,
+    *,
+    llama3_rope: bool = True,
+    rope_type: str | None = None,
+    sharded: bool = False,
+    tie: bool = False,
+    dtype: str = "float32",
+    seed: int = 0,
+    name: str | None = None,
+) -> Path:
     """A random `LlamaForCausalLM`; rope_type ("default", "linear", "llama3") overrides `llama3_rope`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -70,16 +95,21 @@ def make_tiny_llama(tmpdir, *, llama3_rope: bool = True, rope_type: str | None =
     return _save(model, out, sharded=sharded, dtype=dtype)
 
 
-def make_tiny_qwen2(tmpdir, *, sharded: bool = False, tie: bool = True, dtype: str = "float32", seed: int = 1,
-                    name: str | None = None) -> Path:
+def make_tiny_qwen2(
+    tmpdir, *, sharded: bool = False, tie: bool = True, dtype: str = "float32", seed: int = 1, name: str | None = None
+) -> Path:
     """A random `Qwen2ForCausalLM` (q/k/v bias; tied embeddings by default)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out = Path(tmpdir) / (name or f"qwen2{'-sharded' if sharded else ''}{'-tied' if tie else ''}-{dtype}")
     torch.manual_seed(seed)
-    cfg = Qwen2Config(**_COMMON, rope_parameters=dict(ROPE["default"], rope_theta=1000000.0),
-                      tie_word_embeddings=tie, use_sliding_window=False)
+    cfg = Qwen2Config(
+        **_COMMON,
+        rope_parameters=dict(ROPE["default"], rope_theta=1000000.0),
+        tie_word_embeddings=tie,
+        use_sliding_window=False,
+    )
     model = Qwen2ForCausalLM(cfg).eval()
     _randomize(model, seed)
     return _save(model, out, sharded=sharded, dtype=dtype)
@@ -107,9 +137,15 @@ def torch_greedy(model, prompt: np.ndarray, max_new_tokens: int) -> list[int]:
 
     ids = torch.as_tensor(np.asarray(prompt)[None], dtype=torch.long)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=EOS, eos_token_id=EOS)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=EOS,
+            eos_token_id=EOS,
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def random_ids(seed: int, length: int, batch: int | None = None) -> np.ndarray:

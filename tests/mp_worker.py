@@ -6,6 +6,7 @@ strategy over a mesh of --devices global devices, and writes this process's toke
 
     python tests/mp_worker.py --out DIR [--strategies apb,star,ring] [--devices N] [--num-processes N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIG = dict(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-              num_kv_heads=2, head_dim=16, eos_token_ids=())
+CONFIG = dict(
+    model_type="llama",
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    eos_token_ids=(),
+)
 DOC_LEN, Q_LEN, NEW_TOKENS, Q_INSERT = 90, 6, 8, 2
 
 
@@ -47,9 +57,11 @@ def run_strategies(strategies, devices: int | None, seed: int = 0) -> dict:
         engine = Engine(model, strategy=s, devices=devices, q_insert=Q_INSERT)
         out = engine.generate(doc, query, max_new_tokens=NEW_TOKENS)
         pre = engine.prefill(doc, query, doc_logits=True)
-        results[s] = {"tokens": [int(t) for t in out.tokens],
-                      "first_logits": np.asarray(out.first_logits, np.float64).ravel().tolist(),
-                      "doc_logits": np.asarray(pre.doc_logits, np.float64).ravel().tolist()}
+        results[s] = {
+            "tokens": [int(t) for t in out.tokens],
+            "first_logits": np.asarray(out.first_logits, np.float64).ravel().tolist(),
+            "doc_logits": np.asarray(pre.doc_logits, np.float64).ravel().tolist(),
+        }
         if s == "apb":  # sampling: every process draws with the same key, so all agree
             sampled = engine.generate(doc, query, max_new_tokens=NEW_TOKENS, temperature=0.8, top_p=0.9, seed=3)
             results[s]["sampled"] = [int(t) for t in sampled.tokens]
@@ -62,8 +74,9 @@ def main() -> int:
     ap.add_argument("--strategies", default="apb,star,ring")
     ap.add_argument("--devices", type=int, default=None, help="mesh size (default: every global device)")
     ap.add_argument("--num-processes", type=int, default=None, help="override the launcher's process count")
-    ap.add_argument("--probe-devices", default=None,
-                    help="comma list of mesh sizes expected not to fit: print each error, exit 3")
+    ap.add_argument(
+        "--probe-devices", default=None, help="comma list of mesh sizes expected not to fit: print each error, exit 3"
+    )
     args = ap.parse_args()
 
     import jax
@@ -90,8 +103,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"tokens_{jax.process_index()}.json").write_text(json.dumps(results))
     if distributed.is_main_process():
-        print(f"done in {time.perf_counter() - t0:.1f} s: " +
-              ", ".join(f"{s} {r['tokens']}" for s, r in results.items()), flush=True)
+        print(
+            f"done in {time.perf_counter() - t0:.1f} s: " + ", ".join(f"{s} {r['tokens']}" for s, r in results.items()),
+            flush=True,
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Import a repository script (benchmarks/, training/ hold scripts, not packages) as a module, once per session."""
+
 import importlib.util
 import sys
 from pathlib import Path

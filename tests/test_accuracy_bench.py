@@ -1,5 +1,6 @@
 """`benchmarks/accuracy_bench.py --smoke` on the 4 fake CPU devices (conftest): valid JSON, ring answers exactly as
 full does, a printed table; --from-json merges runs; the random stand-in is refused without --allow-random."""
+
 import json
 
 import pytest

@@ -1,4 +1,5 @@
 """The `apb-jax` command line end to end: convert a tiny HF checkpoint, then generate with full and APB."""
+
 import json
 import os
 import subprocess
@@ -22,8 +23,9 @@ def _write_tokenizer(model_dir: Path) -> None:
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.save_pretrained(str(model_dir))
 
 
@@ -42,8 +44,21 @@ def converted(tmp_path_factory):
 
 
 def _generate(capsys, model_dir, ctx, *extra):
-    rc = main(["generate", "--model", str(model_dir), "--context-file", str(ctx), "--question", "w5 w6 w7",
-               "--max-new-tokens", "5", "--json", *extra])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--context-file",
+            str(ctx),
+            "--question",
+            "w5 w6 w7",
+            "--max-new-tokens",
+            "5",
+            "--json",
+            *extra,
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-2000:]
     return json.loads(captured.out.strip().splitlines()[-1])
@@ -54,8 +69,9 @@ def test_generate_full_ring_and_apb(converted, capsys):
     full = _generate(capsys, model_dir, ctx)
     ring = _generate(capsys, model_dir, ctx, "--strategy", "ring", "--devices", "4")
     apb = _generate(capsys, model_dir, ctx, "--strategy", "apb", "--devices", "4", "--q-insert", "2")
-    exact = _generate(capsys, model_dir, ctx, "--strategy", "apb", "--devices", "2", "--anchor-len", "0",
-                      "--passing-len", "45")
+    exact = _generate(
+        capsys, model_dir, ctx, "--strategy", "apb", "--devices", "2", "--anchor-len", "0", "--passing-len", "45"
+    )
     assert full["doc_tokens"] == 90 and full["query_tokens"] == 3  # this tokenizer adds no BOS
     assert len(full["tokens"]) == 5 and full["prefill_seconds"] > 0
     assert ring["tokens"] == full["tokens"] and exact["tokens"] == full["tokens"]
@@ -64,8 +80,23 @@ def test_generate_full_ring_and_apb(converted, capsys):
 
 def test_generate_bad_options_are_clear(converted, capsys):
     model_dir, ctx = converted
-    rc = main(["generate", "--model", str(model_dir), "--context-file", str(ctx), "--question", "w1",
-               "--strategy", "apb", "--devices", "4", "--passing-len", "999"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--context-file",
+            str(ctx),
+            "--question",
+            "w1",
+            "--strategy",
+            "apb",
+            "--devices",
+            "4",
+            "--passing-len",
+            "999",
+        ]
+    )
     assert rc == 2
     assert "passing_len=999 must be in [0, 23]" in capsys.readouterr().err
     assert main(["generate", "--model", str(model_dir / "nope"), "--context-file", str(ctx), "--question", "w1"]) == 2
@@ -77,8 +108,9 @@ def test_demo_runs_as_a_fresh_process():
     answers as JSON; the shipped retriever gets the passkey right with full attention and with APB."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-m", "apb_jax.cli", "demo", "--json"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "apb_jax.cli", "demo", "--json"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rec["document_tokens"] == 16384 and len(rec["devices"]) == 4 and rec["dtype"] == "float32"

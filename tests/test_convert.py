@@ -1,4 +1,5 @@
 """converters.hf_to_flax and apb_jax.loading: name mapping, validation, orbax round-trips, bad checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -66,6 +67,7 @@ def _expected_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig) -> di
 
 # ------------------------------------------------------------------------------------------------ names
 
+
 def test_name_mapping_table(llama, qwen):
     cfg = ModelConfig.from_pretrained(llama)
     f = lambda n: conv.hf_to_flax_path(n, cfg)  # noqa: E731
@@ -78,8 +80,12 @@ def test_name_mapping_table(llama, qwen):
     assert f("model.layers.0.post_attention_layernorm.weight") == ("layers", 0, "post_attention_layernorm", "scale")
     assert f("layers.0.input_layernorm.weight") == ("layers", 0, "input_layernorm", "scale")  # no "model." prefix
     assert f("model.layers.0.self_attn.rotary_emb.inv_freq") is None
-    for bad in ("model.layers.0.self_attn.foo.weight", "model.layers.x.mlp.up_proj.weight", "model.wte.weight",
-                "model.layers.0.mlp.up_proj.scale"):
+    for bad in (
+        "model.layers.0.self_attn.foo.weight",
+        "model.layers.x.mlp.up_proj.weight",
+        "model.wte.weight",
+        "model.layers.0.mlp.up_proj.scale",
+    ):
         with pytest.raises(ValueError, match="unknown tensor"):
             f(bad)
     tied = ModelConfig.from_pretrained(qwen)
@@ -91,18 +97,31 @@ def test_name_mapping_table(llama, qwen):
 
 
 def test_split_fused_names():
-    cfg = ModelConfig.from_hf_dict({"model_type": "llama", "vocab_size": 16, "hidden_size": 64,
-                                    "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
-                                    "num_key_value_heads": 2})
+    cfg = ModelConfig.from_hf_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 16,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
     assert conv.split_fused("model.layers.3.self_attn.qkv_proj.weight", cfg) == [
-        ("model.layers.3.self_attn.q_proj.weight", 64), ("model.layers.3.self_attn.k_proj.weight", 32),
-        ("model.layers.3.self_attn.v_proj.weight", 32)]
+        ("model.layers.3.self_attn.q_proj.weight", 64),
+        ("model.layers.3.self_attn.k_proj.weight", 32),
+        ("model.layers.3.self_attn.v_proj.weight", 32),
+    ]
     assert conv.split_fused("model.layers.0.mlp.gate_up_proj.weight", cfg) == [
-        ("model.layers.0.mlp.gate_proj.weight", 96), ("model.layers.0.mlp.up_proj.weight", 96)]
+        ("model.layers.0.mlp.gate_proj.weight", 96),
+        ("model.layers.0.mlp.up_proj.weight", 96),
+    ]
     assert conv.split_fused("model.layers.0.mlp.up_proj.weight", cfg) is None
 
 
 # ------------------------------------------------------------------------------------------------ round trips
+
 
 @pytest.mark.parametrize("which", ["llama", "qwen"])
 def test_float32_roundtrip_bit_exact(which, request, tmp, capsys):
@@ -173,9 +192,11 @@ def test_fused_checkpoint_splits(llama, tmp):
         for i in range(2):
             pre = f"model.layers.{i}."
             t[pre + "self_attn.qkv_proj.weight"] = np.concatenate(
-                [t.pop(pre + f"self_attn.{x}_proj.weight") for x in "qkv"])
+                [t.pop(pre + f"self_attn.{x}_proj.weight") for x in "qkv"]
+            )
             t[pre + "mlp.gate_up_proj.weight"] = np.concatenate(
-                [t.pop(pre + "mlp.gate_proj.weight"), t.pop(pre + "mlp.up_proj.weight")])
+                [t.pop(pre + "mlp.gate_proj.weight"), t.pop(pre + "mlp.up_proj.weight")]
+            )
         return t
 
     fused = hf.rewrite_safetensors(llama, tmp / "fused", fuse)
@@ -184,6 +205,7 @@ def test_fused_checkpoint_splits(llama, tmp):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
+
 
 def _bad(llama, tmp, name, edit):
     return hf.rewrite_safetensors(llama, tmp / name, edit)
@@ -200,25 +222,32 @@ def _both_raise(src, tmp, match):
 
 
 def test_missing_tensor(llama, tmp):
-    src = _bad(llama, tmp, "missing", lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"})
+    src = _bad(
+        llama, tmp, "missing", lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    )
     msg = _both_raise(src, tmp, r"missing.*model\.layers\.1\.mlp\.up_proj\.weight")
     assert "layers/1/mlp/up_proj/kernel" in msg and "(64, 128)" in msg
 
 
 def test_wrong_shape(llama, tmp):
-    src = _bad(llama, tmp, "shape", lambda t: {**t, "model.layers.0.self_attn.k_proj.weight": np.zeros((48, 64), np.float32)})
+    src = _bad(
+        llama, tmp, "shape", lambda t: {**t, "model.layers.0.self_attn.k_proj.weight": np.zeros((48, 64), np.float32)}
+    )
     msg = _both_raise(src, tmp, r"model\.layers\.0\.self_attn\.k_proj\.weight")
     assert "[48, 64]" in msg and "layers/0/self_attn/k_proj/kernel" in msg and "(64, 32)" in msg
 
 
 def test_extra_unknown_tensor(llama, tmp):
-    src = _bad(llama, tmp, "unknown", lambda t: {**t, "model.layers.0.self_attn.foo.weight": np.zeros((4, 4), np.float32)})
+    src = _bad(
+        llama, tmp, "unknown", lambda t: {**t, "model.layers.0.self_attn.foo.weight": np.zeros((4, 4), np.float32)}
+    )
     _both_raise(src, tmp, r"unknown tensor 'model\.layers\.0\.self_attn\.foo\.weight'")
 
 
 def test_extra_layer(llama, tmp):
-    src = _bad(llama, tmp, "extra-layer",
-               lambda t: {**t, "model.layers.2.input_layernorm.weight": np.ones(64, np.float32)})
+    src = _bad(
+        llama, tmp, "extra-layer", lambda t: {**t, "model.layers.2.input_layernorm.weight": np.ones(64, np.float32)}
+    )
     msg = _both_raise(src, tmp, r"extra tensor 'model\.layers\.2\.input_layernorm\.weight'")
     assert "layers/2/input_layernorm/scale" in msg and "num_layers=2" in msg
 

@@ -4,6 +4,7 @@
 Every spawned process uses the loopback address and is bounded in time (launch's timeout_s, initialize's
 timeout_s); the launcher kills each child's process group when it returns.
 """
+
 from __future__ import annotations
 
 import io
@@ -47,8 +48,14 @@ def runs(tmp_path_factory):
 
     def multi():
         t0 = time.perf_counter()
-        box["rc"] = launch([WORKER, "--out", str(out), "--strategies", ",".join(STRATEGIES)], processes=2,
-                           devices_per_process=2, timeout_s=240, init_timeout_s=60, out=buf)
+        box["rc"] = launch(
+            [WORKER, "--out", str(out), "--strategies", ",".join(STRATEGIES)],
+            processes=2,
+            devices_per_process=2,
+            timeout_s=240,
+            init_timeout_s=60,
+            out=buf,
+        )
         box["seconds"] = time.perf_counter() - t0
 
     th = threading.Thread(target=multi)
@@ -85,8 +92,14 @@ def test_only_process_zero_streams(runs):
 
 def test_device_count_that_does_not_fit(tmp_path):
     buf = io.StringIO()
-    rc = launch([WORKER, "--out", str(tmp_path), "--probe-devices", "3,8,2"], processes=2, devices_per_process=2,
-                timeout_s=120, init_timeout_s=60, out=buf)
+    rc = launch(
+        [WORKER, "--out", str(tmp_path), "--probe-devices", "3,8,2"],
+        processes=2,
+        devices_per_process=2,
+        timeout_s=120,
+        init_timeout_s=60,
+        out=buf,
+    )
     log = buf.getvalue()
     assert rc == 3, log[-3000:]
     assert "DEVICES-ERROR 3: devices=3 does not fit 2 processes x 2 local cpu device(s)" in log, log[-3000:]
@@ -98,8 +111,14 @@ def test_wrong_process_count_fails_within_timeout(tmp_path):
     """Both processes are told there are 3: they wait init_timeout (5 s), say what to check, and stop."""
     buf = io.StringIO()
     t0 = time.perf_counter()
-    rc = launch([WORKER, "--out", str(tmp_path), "--num-processes", "3"], processes=2, devices_per_process=1,
-                timeout_s=90, init_timeout_s=5, out=buf)
+    rc = launch(
+        [WORKER, "--out", str(tmp_path), "--num-processes", "3"],
+        processes=2,
+        devices_per_process=1,
+        timeout_s=90,
+        init_timeout_s=5,
+        out=buf,
+    )
     dt = time.perf_counter() - t0
     log = buf.getvalue()
     assert rc != 0 and dt < 60, (rc, dt, log[-3000:])
@@ -109,8 +128,11 @@ def test_wrong_process_count_fails_within_timeout(tmp_path):
 def test_unreachable_coordinator_fails_within_timeout():
     port = distributed.free_port()  # nothing listens there
     t0 = time.perf_counter()
-    with pytest.raises(RuntimeError, match=rf"could not reach the coordinator 127\.0\.0\.1:{port} within 2 s.*"
-                                           r"Start process 0"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"could not reach the coordinator 127\.0\.0\.1:{port} within 2 s.*"
+        r"Start process 0",
+    ):
         distributed.initialize(coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=1, timeout_s=2)
     assert time.perf_counter() - t0 < 10
     assert not distributed.jax.distributed.is_initialized()
@@ -125,12 +147,15 @@ def test_coordinator_port_in_use():
             distributed.initialize(coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=0, timeout_s=2)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(coordinator="127.0.0.1:1234", num_processes=2, process_id=2), r"process_id=2 must be in \[0, 1\]"),
-    (dict(coordinator="127.0.0.1:1234", num_processes=2), r"missing: --process-id"),
-    (dict(coordinator="localhost", num_processes=2, process_id=0), r"must be HOST:PORT"),
-    (dict(coordinator="127.0.0.1:1234", num_processes=0, process_id=0), r"num_processes=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(coordinator="127.0.0.1:1234", num_processes=2, process_id=2), r"process_id=2 must be in \[0, 1\]"),
+        (dict(coordinator="127.0.0.1:1234", num_processes=2), r"missing: --process-id"),
+        (dict(coordinator="localhost", num_processes=2, process_id=0), r"must be HOST:PORT"),
+        (dict(coordinator="127.0.0.1:1234", num_processes=0, process_id=0), r"num_processes=0 must be >= 1"),
+    ],
+)
 def test_bad_settings(monkeypatch, kwargs, match):
     for var in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri"):
         monkeypatch.delenv(var, raising=False)
@@ -139,8 +164,15 @@ def test_bad_settings(monkeypatch, kwargs, match):
 
 
 def test_single_process_when_nothing_is_given(monkeypatch):
-    for var in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri", distributed.ENV_COORDINATOR,
-                distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID, "JAX_COORDINATOR_ADDRESS"):
+    for var in (
+        "SLURM_JOB_ID",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_MCA_orte_hnp_uri",
+        distributed.ENV_COORDINATOR,
+        distributed.ENV_NUM_PROCESSES,
+        distributed.ENV_PROCESS_ID,
+        "JAX_COORDINATOR_ADDRESS",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert distributed.initialize() is False
     assert distributed.is_main_process() and distributed.process_count() == 1
@@ -148,12 +180,14 @@ def test_single_process_when_nothing_is_given(monkeypatch):
 
 # ---------------------------------------------------------------------------------- launcher (no jax inside)
 
-_SLEEPER = ("import os, subprocess, sys, time; "
-            "g = subprocess.Popen(['sleep', '120']); "
-            "f = os.path.join(sys.argv[1], 'pid%s' % os.environ['APB_JAX_PROCESS_ID']); "
-            "open(f + '.tmp', 'w').write(str(g.pid)); os.replace(f + '.tmp', f); "
-            "code = int(sys.argv[2]) if os.environ['APB_JAX_PROCESS_ID'] == '1' else 0; "
-            "time.sleep(1 if code else 120); sys.exit(code)")
+_SLEEPER = (
+    "import os, subprocess, sys, time; "
+    "g = subprocess.Popen(['sleep', '120']); "
+    "f = os.path.join(sys.argv[1], 'pid%s' % os.environ['APB_JAX_PROCESS_ID']); "
+    "open(f + '.tmp', 'w').write(str(g.pid)); os.replace(f + '.tmp', f); "
+    "code = int(sys.argv[2]) if os.environ['APB_JAX_PROCESS_ID'] == '1' else 0; "
+    "time.sleep(1 if code else 120); sys.exit(code)"
+)
 
 
 def _gone(pid: int, within: float = 5.0) -> bool:
@@ -173,15 +207,20 @@ def _grandchildren(tmp_path, n):
     return [int((tmp_path / f"pid{i}").read_text()) for i in range(n) if (tmp_path / f"pid{i}").exists()]
 
 
-@pytest.mark.parametrize("exit_code, timeout_s, rc_want, message", [
-    ("7", 60, 7, "process 1 of 2 failed (exit code 7)"),  # one fails: everyone stops
-    ("0", 3, 124, "time limit of 3 s"),                    # nobody ends: the time limit stops all
-], ids=["one-fails", "time-limit"])
+@pytest.mark.parametrize(
+    "exit_code, timeout_s, rc_want, message",
+    [
+        ("7", 60, 7, "process 1 of 2 failed (exit code 7)"),  # one fails: everyone stops
+        ("0", 3, 124, "time limit of 3 s"),  # nobody ends: the time limit stops all
+    ],
+    ids=["one-fails", "time-limit"],
+)
 def test_launch_stops_every_process(tmp_path, exit_code, timeout_s, rc_want, message):
     buf = io.StringIO()
     t0 = time.perf_counter()
-    rc = launch(["-c", _SLEEPER, str(tmp_path), exit_code], processes=2, devices_per_process=1, timeout_s=timeout_s,
-                out=buf)
+    rc = launch(
+        ["-c", _SLEEPER, str(tmp_path), exit_code], processes=2, devices_per_process=1, timeout_s=timeout_s, out=buf
+    )
     assert rc == rc_want and time.perf_counter() - t0 < 20, (rc, buf.getvalue())
     assert message in buf.getvalue()
     pids = _grandchildren(tmp_path, 2)
@@ -191,9 +230,26 @@ def test_launch_stops_every_process(tmp_path, exit_code, timeout_s, rc_want, mes
 def test_launch_module_sigterm_stops_children(tmp_path):
     """`python -m apb_jax.launch ... -- cmd`, then SIGTERM to the launcher (as Ctrl-C would): all children go."""
     env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
-    p = subprocess.Popen([sys.executable, "-m", "apb_jax.launch", "--processes", "2", "--timeout", "60", "--",
-                          "-c", _SLEEPER, str(tmp_path), "0"], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, start_new_session=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "apb_jax.launch",
+            "--processes",
+            "2",
+            "--timeout",
+            "60",
+            "--",
+            "-c",
+            _SLEEPER,
+            str(tmp_path),
+            "0",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         end = time.monotonic() + 20
         while len(_grandchildren(tmp_path, 2)) < 2 and time.monotonic() < end:
@@ -228,9 +284,18 @@ def _tiny_hf_model(path: Path) -> Path:
     transformers = pytest.importorskip("transformers")
     from apb_jax.tokenizer import VOCAB
 
-    cfg = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(path), safe_serialization=True)
     for f in (TESTS.parent / "apb_jax" / "assets" / "retriever").iterdir():
@@ -250,10 +315,38 @@ def test_cli_launch_generate_matches_single_process(tmp_path, capsys):
     words = [w for w in VOCAB if w.isalpha()]
     random.seed(0)
     (tmp_path / "ctx.txt").write_text(" ".join(random.choice(words) for _ in range(120)))
-    gen = ["generate", "--model", str(model), "--context-file", str(tmp_path / "ctx.txt"), "--question", "QRY KEY",
-           "--strategy", "apb", "--q-insert", "2", "--max-new-tokens", "4", "--dtype", "float32", "--json"]
-    cmd = [sys.executable, "-m", "apb_jax.cli", "launch", "--processes", "2", "--devices-per-process", "2",
-           "--timeout", "180", "--", *gen]
+    gen = [
+        "generate",
+        "--model",
+        str(model),
+        "--context-file",
+        str(tmp_path / "ctx.txt"),
+        "--question",
+        "QRY KEY",
+        "--strategy",
+        "apb",
+        "--q-insert",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "float32",
+        "--json",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "apb_jax.cli",
+        "launch",
+        "--processes",
+        "2",
+        "--devices-per-process",
+        "2",
+        "--timeout",
+        "180",
+        "--",
+        *gen,
+    ]
     env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
     multi = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:

@@ -3,6 +3,7 @@
 Each variant is a tiny random HF checkpoint, converted with `converters.hf_to_flax.convert` and loaded with
 `apb_jax.loading.load` (and loaded straight from the HF directory too).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,7 @@ def _flat(model):
 def flax_greedy(model, prompt: np.ndarray, max_new_tokens: int, eos: int = hf.EOS) -> list[int]:
     """Greedy decode by re-running `model.logits` on a fixed-size buffer (causal: the tail padding is never seen)."""
     buf = np.zeros((1, len(prompt) + max_new_tokens), np.int32)
-    buf[0, :len(prompt)] = prompt
+    buf[0, : len(prompt)] = prompt
     cur, out = len(prompt), []
     for _ in range(max_new_tokens):
         tok = int(np.asarray(model.logits(buf))[0, cur - 1].argmax())
@@ -109,8 +110,9 @@ def test_llama3_scaling_matters_at_test_length(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama3-vs-default")
     src = hf.make_tiny_llama(d, rope_type="llama3")
     cfg = ModelConfig.from_pretrained(src)
-    plain = ModelConfig.from_hf_dict({**json.loads((src / "config.json").read_text()),
-                                      "rope_parameters": hf.ROPE["default"]})
+    plain = ModelConfig.from_hf_dict(
+        {**json.loads((src / "config.json").read_text()), "rope_parameters": hf.ROPE["default"]}
+    )
     assert not np.allclose(inv_frequencies(cfg.rope, cfg.head_dim), inv_frequencies(plain.rope, plain.head_dim))
     wrong = shutil.copytree(src, d / "as-default")
     hf.edit_config(wrong, rope_parameters=hf.ROPE["default"])

@@ -1,5 +1,6 @@
 """`benchmarks/prefill_bench.py --smoke`: the same benchmark code on the tiny config over the 4 fake CPU devices
 (conftest) writes valid JSON with every strategy measured, replayed and run for real, projections labelled."""
+
 import json
 import math
 

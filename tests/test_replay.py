@@ -1,16 +1,34 @@
 """Single-host replay runs the same per-host code as the real mesh: host h's replayed prefill equals host h's shard
 of the real 4-device shard_map run (4 fake CPU devices, tiny random model, float32)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from apb_jax import Engine, Model, ModelConfig
-from apb_jax.replay import (ReplayCollectives, ScriptedCollectives, busiest_host, host_inputs, on_device,
-                            record_prefill, replay_prefill, replay_step_fn)
+from apb_jax.replay import (
+    ReplayCollectives,
+    ScriptedCollectives,
+    busiest_host,
+    host_inputs,
+    on_device,
+    record_prefill,
+    replay_prefill,
+    replay_step_fn,
+)
 
-CFG = ModelConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, eos_token_ids=())
+CFG = ModelConfig(
+    model_type="llama",
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    eos_token_ids=(),
+)
 HOSTS, DOC_LEN, Q_LEN = 4, 126, 4  # block 32, the last two slots of host 3 are padding
 KW = {"apb": dict(anchor_len=8, passing_len=4, q_insert=2), "star": dict(anchor_len=12), "ring": {}}
 
@@ -31,7 +49,7 @@ def _engine(model, strategy):
 
 
 def _shard(x, lay, h):
-    return x[:, :, h * lay.block:(h + 1) * lay.block]
+    return x[:, :, h * lay.block : (h + 1) * lay.block]
 
 
 class RingPeers:
@@ -81,10 +99,12 @@ def test_replayed_host_equals_its_shard_of_the_mesh_run(model, prompt, strategy)
         k, v = replay_prefill(eng, doc, q, h, coll=coll)
         assert k.shape == (CFG.num_layers, 1, lay.block, CFG.num_kv_heads, CFG.head_dim)
         assert len(k.devices()) == 1
-        np.testing.assert_allclose(np.asarray(k), _shard(real_k, lay, h), atol=1e-5, rtol=1e-5,
-                                   err_msg=f"{strategy} host {h} k")
-        np.testing.assert_allclose(np.asarray(v), _shard(real_v, lay, h), atol=1e-5, rtol=1e-5,
-                                   err_msg=f"{strategy} host {h} v")
+        np.testing.assert_allclose(
+            np.asarray(k), _shard(real_k, lay, h), atol=1e-5, rtol=1e-5, err_msg=f"{strategy} host {h} k"
+        )
+        np.testing.assert_allclose(
+            np.asarray(v), _shard(real_v, lay, h), atol=1e-5, rtol=1e-5, err_msg=f"{strategy} host {h} v"
+        )
 
 
 def test_shape_stand_ins_run_every_host_and_the_query_step(model, prompt):
@@ -96,14 +116,13 @@ def test_shape_stand_ins_run_every_host_and_the_query_step(model, prompt):
     assert h == HOSTS - 1
     tokens, positions = host_inputs(lay, doc, q, h)
     assert tokens.shape == (1, lay.anchor + lay.block)
-    assert list(positions[0, lay.anchor:lay.anchor + 3]) == [h * lay.block + i for i in range(3)]
+    assert list(positions[0, lay.anchor : lay.anchor + 3]) == [h * lay.block + i for i in range(3)]
     k, v = replay_prefill(eng, doc, q, h)
     assert np.isfinite(np.asarray(k)).all()
     dev = eng.mesh.devices.flat[0]
     tail = jnp.zeros((CFG.num_layers, 1, 16, CFG.num_kv_heads, CFG.head_dim), jnp.float32)
     step = replay_step_fn(eng, lay, h)
-    tk, tv, logits = step(on_device(eng.params, dev), k, v, tail, tail, jnp.asarray(q[None], jnp.int32),
-                          jnp.int32(0))
+    tk, tv, logits = step(on_device(eng.params, dev), k, v, tail, tail, jnp.asarray(q[None], jnp.int32), jnp.int32(0))
     assert logits.shape == (1, CFG.vocab_size) and np.isfinite(np.asarray(logits)).all()
     assert float(jnp.abs(tk[:, :, :Q_LEN]).sum()) > 0 and float(jnp.abs(tk[:, :, Q_LEN:]).sum()) == 0
 

@@ -1,6 +1,7 @@
 """The shipped retriever (apb_jax/assets/retriever): it loads through apb_jax.load and transformers alike, and it
 answers fixed sets of short passkey, multikey and variable-tracking examples with full attention and with APB on the
 4 fake CPU devices (both compressors, its own retaining heads included)."""
+
 import json
 
 import numpy as np
@@ -38,11 +39,15 @@ def test_transformers_reads_the_same_model(model):
     np.testing.assert_allclose(np.asarray(model.logits(ids)), theirs, atol=5e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("strategy, kw", [
-    ("full", {}),
-    ("apb", {"devices": 4}),
-    ("apb", {"devices": 4, "compressor": "retaining_heads", "retaining_heads": str(HEADS)}),
-], ids=["full", "apb-query-aware", "apb-retaining-heads"])
+@pytest.mark.parametrize(
+    "strategy, kw",
+    [
+        ("full", {}),
+        ("apb", {"devices": 4}),
+        ("apb", {"devices": 4, "compressor": "retaining_heads", "retaining_heads": str(HEADS)}),
+    ],
+    ids=["full", "apb-query-aware", "apb-retaining-heads"],
+)
 @pytest.mark.parametrize("task", ["passkey", "multikey_niah", "variable_tracking"])
 def test_answers_short_examples(model, strategy, kw, task):
     from apb_jax.engine import Engine
@@ -51,8 +56,9 @@ def test_answers_short_examples(model, strategy, kw, task):
 
     exs = make_examples(task, 7, 6, 1024)
     eng = Engine(model, strategy, **kw)
-    out = eng.generate(np.stack([e.document for e in exs]), np.stack([e.query for e in exs]),
-                       max_new_tokens=len(exs[0].answer))
+    out = eng.generate(
+        np.stack([e.document for e in exs]), np.stack([e.query for e in exs]), max_new_tokens=len(exs[0].answer)
+    )
     got = [ids_to_text(t) for t in out.tokens]
     want = [e.answer_text for e in exs]
     assert all(score(t, e.answer) for t, e in zip(out.tokens, exs)), list(zip(got, want))

@@ -1,4 +1,5 @@
 """Sequence-parallel strategies against full attention (4 fake CPU devices, tiny random model, float32)."""
+
 import math
 
 import jax
@@ -15,8 +16,17 @@ from apb_jax.strategies.apb import eligible_local
 from apb_jax.strategies.base import HostCtx, merge_all, partial_attention
 from converters.retaining_heads import random_retaining_heads
 
-CFG = ModelConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, eos_token_ids=())
+CFG = ModelConfig(
+    model_type="llama",
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    eos_token_ids=(),
+)
 DOC_LEN, Q_LEN = 61, 5  # 61 is prime: never divisible by the host count
 
 
@@ -56,8 +66,15 @@ def test_apb_exact_mode_equals_full(model, prompt, reference, hosts, compressor)
     """A = 0 and P = B: every key is passed, so APB is exact causal attention."""
     doc, q = prompt
     heads = random_retaining_heads(CFG, hidden=32, seed=3) if compressor == "retaining_heads" else None
-    eng = Engine(model, "apb", devices=hosts, anchor_len=0, passing_len=math.ceil(DOC_LEN / hosts),
-                 compressor=compressor, retaining_heads=heads)
+    eng = Engine(
+        model,
+        "apb",
+        devices=hosts,
+        anchor_len=0,
+        passing_len=math.ceil(DOC_LEN / hosts),
+        compressor=compressor,
+        retaining_heads=heads,
+    )
     pre = eng.prefill(doc, q, doc_logits=True)
     assert pre.cache.layout.anchor == 0 and pre.cache.layout.passing == pre.cache.layout.block
     np.testing.assert_allclose(pre.doc_logits, reference[0], atol=2e-5, rtol=1e-5)
@@ -67,12 +84,22 @@ def test_apb_exact_mode_equals_full(model, prompt, reference, hosts, compressor)
 def test_apb_and_ring_through_pallas_kernel(prompt):
     """Exact APB and ring with the Pallas kernel (interpret mode) inside shard_map, passing_valid traced."""
     doc, q = prompt
-    cfg = ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=1,
-                      num_heads=4, num_kv_heads=2, head_dim=32)
+    cfg = ModelConfig(
+        model_type="qwen2",
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+    )
     m = Model.random(cfg, dtype="float32", seed=4)
     ref = np.asarray(m.logits(np.concatenate([doc, q])[None]))
-    for eng in (Engine(m, "apb", devices=4, anchor_len=0, passing_len=16, kernel_backend="interpret"),
-                Engine(m, "ring", devices=2, kernel_backend="interpret")):
+    for eng in (
+        Engine(m, "apb", devices=4, anchor_len=0, passing_len=16, kernel_backend="interpret"),
+        Engine(m, "ring", devices=2, kernel_backend="interpret"),
+    ):
         pre = eng.prefill(doc, q, doc_logits=True)
         np.testing.assert_allclose(pre.doc_logits, ref[:, :DOC_LEN], atol=2e-5, rtol=1e-5)
         np.testing.assert_allclose(pre.logits, ref[:, -1], atol=2e-5, rtol=1e-5)
@@ -88,7 +115,7 @@ def test_apb_defaults_finite_and_close(model, prompt, reference):
     err = rel_err(pre.doc_logits, reference[0])
     print(f"apb defaults (A={lay.anchor}, P={lay.passing}, 4 hosts) relative error vs full: {err:.3e}")
     # host 0's rows are exact; the rest differ but stay in the same ballpark
-    np.testing.assert_allclose(pre.doc_logits[:, :lay.block], reference[0][:, :lay.block], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(pre.doc_logits[:, : lay.block], reference[0][:, : lay.block], atol=2e-5, rtol=1e-5)
     assert 0 < err < 0.5
 
 
@@ -125,6 +152,7 @@ def test_batch_of_two(model, reference, prompt):
 
 def _dense_attention(mask):
     """An attention fn for one sequence with an explicit [T, T] boolean mask (plain jnp softmax, GQA by repeat)."""
+
     def attend(call: AttnCall):
         g = call.q.shape[2] // call.k.shape[2]
         k = jnp.repeat(call.k, g, axis=2)
@@ -132,6 +160,7 @@ def _dense_attention(mask):
         s = jnp.einsum("bqhd,bkhd->bhqk", call.q, k) / math.sqrt(call.q.shape[-1])
         s = jnp.where(mask[None, None], s, -jnp.inf)
         return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
     return attend
 
 
@@ -144,7 +173,7 @@ def test_star_equals_independent_implementation(model, prompt):
     module = nnx.merge(model.graphdef, model.params)
     caches_k, caches_v, logits = [], [], []
     for h in range(hosts):
-        block = doc[h * b:(h + 1) * b]
+        block = doc[h * b : (h + 1) * b]
         n = block.size
         if h == 0:
             toks, pos = block, np.arange(n)
@@ -214,7 +243,7 @@ def test_merge_all_equals_attention_over_concatenated_keys():
     kpos = jnp.arange(40, dtype=jnp.int32).at[5].set(-1)
     qpos = jnp.asarray([39, 20, 3], jnp.int32)
     o, lse = partial_attention(q, k, v, qpos, kpos, chunk=7)
-    parts = [partial_attention(q, k[:, i:i + 10], v[:, i:i + 10], qpos, kpos[i:i + 10]) for i in range(0, 40, 10)]
+    parts = [partial_attention(q, k[:, i : i + 10], v[:, i : i + 10], qpos, kpos[i : i + 10]) for i in range(0, 40, 10)]
     om, lm = merge_all(jnp.stack([p[0] for p in parts]), jnp.stack([p[1] for p in parts]))
     np.testing.assert_allclose(om, o, atol=1e-6)
     np.testing.assert_allclose(lm, lse, atol=1e-6)
@@ -253,7 +282,7 @@ def test_max_pool_matches_numpy():
     s = rng.normal(size=(1, 11, 2)).astype(np.float32)
     got = np.asarray(max_pool(jnp.asarray(s), 5))
     padded = np.pad(s, ((0, 0), (2, 2), (0, 0)), constant_values=-np.inf)
-    want = np.stack([padded[:, i:i + 5].max(1) for i in range(11)], axis=1)
+    want = np.stack([padded[:, i : i + 5].max(1) for i in range(11)], axis=1)
     np.testing.assert_array_equal(got, want)
 
 
@@ -312,14 +341,17 @@ def test_engine_loads_retaining_heads_from_safetensors(model, prompt, tmp_path):
 # ---------------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(strategy="apb", devices=4, anchor_len=20), r"anchor_len=20 must be 0 or in \[\d+, 16\]"),
-    (dict(strategy="apb", devices=4, passing_len=17, q_insert=2), r"passing_len=17 must be in \[0, 16\]"),
-    (dict(strategy="apb", devices=4, anchor_len=6, q_insert=2), r"anchor_len=6 must be 0 or in \[8, 16\]"),
-    (dict(strategy="apb", devices=4), r"does not fit an anchor"),
-    (dict(strategy="star", devices=4, anchor_len=17), r"anchor_len=17 must be in \[0, 16\]"),
-    (dict(strategy="ring", devices=4, passing_len=3), r"passing_len=3 has no meaning"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(strategy="apb", devices=4, anchor_len=20), r"anchor_len=20 must be 0 or in \[\d+, 16\]"),
+        (dict(strategy="apb", devices=4, passing_len=17, q_insert=2), r"passing_len=17 must be in \[0, 16\]"),
+        (dict(strategy="apb", devices=4, anchor_len=6, q_insert=2), r"anchor_len=6 must be 0 or in \[8, 16\]"),
+        (dict(strategy="apb", devices=4), r"does not fit an anchor"),
+        (dict(strategy="star", devices=4, anchor_len=17), r"anchor_len=17 must be in \[0, 16\]"),
+        (dict(strategy="ring", devices=4, passing_len=3), r"passing_len=3 has no meaning"),
+    ],
+)
 def test_bad_lengths_are_clear_errors(model, prompt, kwargs, match):
     doc, q = prompt
     with pytest.raises(ValueError, match=match):

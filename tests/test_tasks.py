@@ -1,6 +1,7 @@
 """Synthetic tasks and their tokenizer: determinism, exact lengths, depths, well-posedness
 (an independent parser solves every example from the document tokens), the scorer, the
 training sampler, and the shipped tokenizer files."""
+
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ QRY, ANS, EOS, DOT, EQ, KEY = V["QRY"], V["ANS"], V["</s>"], V["."], V["="], V["
 
 
 # --- an independent oracle: a grammar for the document body, and a solver per query ---------
+
 
 def parse_document(doc):
     """-> list of statements (kind, fields, start index); fails on anything ill-formed."""
@@ -109,6 +111,7 @@ def make(task, seed, length, depth=None, **kw):
 
 
 # --- generator --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("task", tasks.TASKS)
 def test_deterministic_per_seed(task):
@@ -244,6 +247,7 @@ def test_bad_arguments_raise():
 
 # --- scorer -----------------------------------------------------------------------------------
 
+
 def test_score_and_accuracy():
     ex = make("passkey", 0, 200)
     right = list(ex.answer)
@@ -268,6 +272,7 @@ def test_score_and_accuracy():
 
 
 # --- training sampler -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("length,batch", [(128, 64), (1024, 8), (8192, 2)])
 def test_sample_batch(length, batch):
@@ -321,6 +326,7 @@ def test_sample_batch_options_and_errors():
 
 
 # --- tokenizer --------------------------------------------------------------------------------
+
 
 def test_vocabulary_layout():
     assert len(tk.VOCAB) == tk.VOCAB_SIZE == 512 and tk.VOCAB_SIZE % 64 == 0

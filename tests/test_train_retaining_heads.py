@@ -1,6 +1,7 @@
 """Retaining-head training (training/train_retaining_heads.py): the chunked importance target against a dense
 float64 computation, training that beats random heads at top-k recall, the released-format round trip into an APB
 engine, the CLI's outputs, and argument errors.  Tiny random models on CPU."""
+
 import json
 
 import jax.numpy as jnp
@@ -18,9 +19,19 @@ from apb_jax.tokenizer import VOCAB, token_id
 from converters.retaining_heads import load_retaining_heads
 from training import train_retaining_heads as trh
 
-CFG = ModelConfig(model_type="llama", vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, rope=RopeConfig(theta=1e4), eos_token_ids=(2,),
-                  dtype="float32")
+CFG = ModelConfig(
+    model_type="llama",
+    vocab_size=len(VOCAB),
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope=RopeConfig(theta=1e4),
+    eos_token_ids=(2,),
+    dtype="float32",
+)
 MIX = ("passkey", "multikey_niah", "variable_tracking")
 
 
@@ -115,10 +126,26 @@ def test_features_match_dense_on_model(model, rows):
 
 def test_default_hidden_and_chunk():
     assert trh.default_hidden(CFG) == 128  # input (4 + 4) * 16 = 128 -> 64 -> at least 128
-    retriever = ModelConfig(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=768,
-                            num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32)
-    llama8b = ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                          num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128)
+    retriever = ModelConfig(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=32,
+    )
+    llama8b = ModelConfig(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+    )
     assert trh.default_hidden(retriever) == 256 and trh.default_hidden(llama8b) == 1024
     assert trh.default_chunk(1, 8, 16384) == 1024 and trh.default_chunk(4, 8, 16384) == 256
     assert trh.default_chunk(1, 4, 37) == 64
@@ -129,8 +156,7 @@ def test_default_hidden_and_chunk():
 
 @pytest.fixture(scope="module")
 def trained(model):
-    return trh.train(model, steps=40, length=256, batch=2, hidden=64, lr=5e-3, seed=0, eval_every=20,
-                     progress=False)
+    return trh.train(model, steps=40, length=256, batch=2, hidden=64, lr=5e-3, seed=0, eval_every=20, progress=False)
 
 
 def test_training_lowers_loss_and_beats_random_heads(trained):
@@ -174,9 +200,27 @@ def test_cli_writes_heads_log_and_plot(model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(apb_jax.loading, "load", lambda path, dtype=None: model)
     out = tmp_path / "heads.safetensors"
-    rc = trh.main(["--model", "unused", "--out", str(out), "--steps", "1000", "--length", "128", "--batch", "1",
-                   "--hidden", "32", "--task-mix", "passkey,multikey_niah", "--time-budget-s", "0.001",
-                   "--quiet"])
+    rc = trh.main(
+        [
+            "--model",
+            "unused",
+            "--out",
+            str(out),
+            "--steps",
+            "1000",
+            "--length",
+            "128",
+            "--batch",
+            "1",
+            "--hidden",
+            "32",
+            "--task-mix",
+            "passkey,multikey_niah",
+            "--time-budget-s",
+            "0.001",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     log = json.loads(out.with_suffix(".json").read_text())
     assert log["stopped"] == "time_budget" and 1 <= log["steps_done"] < 1000
@@ -188,15 +232,18 @@ def test_cli_writes_heads_log_and_plot(model, tmp_path, monkeypatch):
 # --- (d) argument errors ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(steps=0), r"steps=0 .*allowed: an integer >= 1"),
-    (dict(length=100), r"length=100 .*allowed: an integer >= 128"),
-    (dict(hidden=0), r"hidden=0 .*allowed: an integer >= 1"),
-    (dict(batch=0), r"batch=0 .*allowed"),
-    (dict(rows="queries"), r"rows='queries' .*allowed: one of \('all', 'answers'\)"),
-    (dict(hosts=9), r"hosts=9 .*allowed: an integer in \[1, length // 16\] = \[1, 8\]"),
-    (dict(task_mix="sudoku"), r"sudoku"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(steps=0), r"steps=0 .*allowed: an integer >= 1"),
+        (dict(length=100), r"length=100 .*allowed: an integer >= 128"),
+        (dict(hidden=0), r"hidden=0 .*allowed: an integer >= 1"),
+        (dict(batch=0), r"batch=0 .*allowed"),
+        (dict(rows="queries"), r"rows='queries' .*allowed: one of \('all', 'answers'\)"),
+        (dict(hosts=9), r"hosts=9 .*allowed: an integer in \[1, length // 16\] = \[1, 8\]"),
+        (dict(task_mix="sudoku"), r"sudoku"),
+    ],
+)
 def test_bad_arguments(model, kwargs, match):
     args = dict(steps=2, length=128, batch=1, progress=False) | kwargs
     with pytest.raises(ValueError, match=match):

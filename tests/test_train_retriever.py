@@ -1,5 +1,6 @@
 """training/train_retriever.py: the curriculum, the train step (it learns), export (transformers reads the same
 model), checkpoint resume, evaluation and argument errors, on a tiny model on the CPU."""
+
 import json
 
 import numpy as np
@@ -13,8 +14,18 @@ def _load():
 
 
 tr = _load()
-TINY = dict(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, compute_dtype="float32",
-            start_len=128, max_len=512, tokens_per_step=1024)
+TINY = dict(
+    layers=2,
+    hidden=64,
+    intermediate=128,
+    heads=4,
+    kv_heads=2,
+    head_dim=16,
+    compute_dtype="float32",
+    start_len=128,
+    max_len=512,
+    tokens_per_step=1024,
+)
 
 
 def test_curriculum_advances_on_accuracy_and_on_step_limit():
@@ -45,8 +56,7 @@ def test_curriculum_min_gate_waits_for_the_weakest_task():
     hits[[pk, vt]], count[[pk, mk, vt]] = 40, 40
     hits[mk] = 10
     for gate in ("min", "mean"):
-        cur = tr.Curriculum(tr.TrainConfig(**TINY, min_stage_steps=2, max_stage_steps=50, advance_acc=0.7,
-                                           gate=gate))
+        cur = tr.Curriculum(tr.TrainConfig(**TINY, min_stage_steps=2, max_stage_steps=50, advance_acc=0.7, gate=gate))
         for s in range(10):
             cur.observe(128, hits, count, s)
         assert cur.length == (256 if gate == "mean" else 128), gate  # pooled: 90/120 = 0.75 passes
@@ -99,7 +109,7 @@ def test_train_step_learns_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], losses
     assert float(stats[2]) == b.loss_mask[:, 1:].sum()  # every answer token counted once
     assert float(stats[5]) == 4  # one passkey answer per row: four first tokens
-    per_count = np.asarray(stats[6 + len(tr.TASKS):])
+    per_count = np.asarray(stats[6 + len(tr.TASKS) :])
     np.testing.assert_array_equal(per_count, [4.0 if t == "passkey" else 0.0 for t in tr.TASKS])
     assert float(stats[6 + tr.TASKS.index("passkey")]) == float(stats[4])  # all first hits are passkey's
 
@@ -156,6 +166,7 @@ def test_train_export_load_and_resume(tmp_path):
 
 def test_evaluate_is_teacher_forced_exact_match():
     """With an eval function that is right everywhere / wrong at one answer token, exact is 1 / 0."""
+
     def perfect(params, tokens, mask):
         return np.ones(len(tokens), bool), mask[:, 1:].sum(1), mask[:, 1:].sum(1)
 
@@ -164,25 +175,29 @@ def test_evaluate_is_teacher_forced_exact_match():
 
     cfg = tr.TrainConfig(**TINY)
     graphdef, params = tr.build(cfg)
-    res = tr.evaluate(graphdef, params, lengths=[160, 200], tasks=["passkey", "variable_tracking"], num=3,
-                      tokens_per_batch=400)
+    res = tr.evaluate(
+        graphdef, params, lengths=[160, 200], tasks=["passkey", "variable_tracking"], num=3, tokens_per_batch=400
+    )
     for task in ("passkey", "variable_tracking"):
         for n in (160, 200):
             r = res[task][n]
             assert r["n"] == 3 and 0 <= r["exact"] <= r["token"] <= 1
 
 
-@pytest.mark.parametrize("kw, word", [
-    (dict(start_len=100), "start_len"),
-    (dict(max_len=64), "max_len"),
-    (dict(tokens_per_step=256), "tokens_per_step"),
-    (dict(heads=6, kv_heads=4), "kv_heads"),
-    (dict(replay=1.0), "replay"),
-    (dict(task_mix="passkey:1,nope:2"), "nope"),
-    (dict(task_mix="passkey:x"), "not a number"),
-    (dict(compute_dtype="float16"), "compute_dtype"),
-    (dict(min_stage_steps=5, max_stage_steps=2), "min_stage_steps"),
-])
+@pytest.mark.parametrize(
+    "kw, word",
+    [
+        (dict(start_len=100), "start_len"),
+        (dict(max_len=64), "max_len"),
+        (dict(tokens_per_step=256), "tokens_per_step"),
+        (dict(heads=6, kv_heads=4), "kv_heads"),
+        (dict(replay=1.0), "replay"),
+        (dict(task_mix="passkey:1,nope:2"), "nope"),
+        (dict(task_mix="passkey:x"), "not a number"),
+        (dict(compute_dtype="float16"), "compute_dtype"),
+        (dict(min_stage_steps=5, max_stage_steps=2), "min_stage_steps"),
+    ],
+)
 def test_bad_config_is_a_clear_error(kw, word):
     with pytest.raises(ValueError, match=word):
         tr.TrainConfig(**{**TINY, **kw})

@@ -50,6 +50,7 @@ Hidden size: `default_hidden(config)` = half the input width rounded up to a pow
 (Llama-3.1-8B: input (32 + 16) * 128 = 6144 -> 1024, the released heads' width; the tiny retriever (8 + 4) * 32 =
 384 -> 256).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,9 @@ def default_chunk(batch: int, heads: int, length: int) -> int:
     return min(c, 1 << int(math.ceil(math.log2(max(length, 1)))))
 
 
-def attention_with_importance(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int,
-                              row_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def attention_with_importance(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int, row_mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Causal GQA attention and each key's log-importance, in float32, one chunk of query rows at a time.
 
     q [B, T, H, D] and k, v [B, T, KVH, D] (post-RoPE, as the model attends); row_mask bool [B, T] or None: which
@@ -209,8 +211,9 @@ def predict(heads: RetainingHeads, feats: Features) -> jax.Array:
     """float32 [L, B, T, KVH]: every layer's head on its own features, through `retaining_head_scores`."""
     out = []
     for i in range(feats.q_raw.shape[0]):
-        call = AttnCall(layer=i, q=feats.q_raw[i], k=feats.k_raw[i], v=feats.v[i], q_raw=feats.q_raw[i],
-                        k_raw=feats.k_raw[i])
+        call = AttnCall(
+            layer=i, q=feats.q_raw[i], k=feats.k_raw[i], v=feats.v[i], q_raw=feats.q_raw[i], k_raw=feats.k_raw[i]
+        )
         out.append(retaining_head_scores(call, heads))
     return jnp.stack(out)
 
@@ -246,8 +249,9 @@ def ranking_metrics(pred: jax.Array, feats: Features, *, block: int, k: int, poo
     valid = feats.key_mask[None, :, None, :]  # [1, B, 1, T]
     p = jnp.moveaxis(pred, 3, 2)  # [L, B, KVH, T]
     n_layers, b, t, kvh = pred.shape
-    pooled = max_pool(jnp.where(feats.key_mask[None, :, :, None], pred, -jnp.inf).reshape(n_layers * b, t, kvh),
-                      pool_kernel).reshape(pred.shape)
+    pooled = max_pool(
+        jnp.where(feats.key_mask[None, :, :, None], pred, -jnp.inf).reshape(n_layers * b, t, kvh), pool_kernel
+    ).reshape(pred.shape)
     true = _topk_sets(jnp.moveaxis(feats.target, 3, 2), valid, block, k)  # [L, B, KVH, nb, block]
     sel = _topk_sets(p, valid, block, k)
     sel_pool = _topk_sets(jnp.moveaxis(pooled, 3, 2), valid, block, k)
@@ -258,8 +262,12 @@ def ranking_metrics(pred: jax.Array, feats: Features, *, block: int, k: int, poo
         hits = jnp.sum(a & ref, axis=(1, 3, 4))
         return hits / jnp.maximum(jnp.sum(jnp.broadcast_to(ref, a.shape), axis=(1, 3, 4)), 1)
 
-    return {"recall": frac(sel, true), "recall_pooled": frac(sel_pool, true), "needle_recall": frac(sel, needle),
-            "needle_recall_target": frac(true, needle)}
+    return {
+        "recall": frac(sel, true),
+        "recall_pooled": frac(sel_pool, true),
+        "needle_recall": frac(sel, needle),
+        "needle_recall_target": frac(true, needle),
+    }
 
 
 def _summary(metrics: dict, loss, main, adj) -> dict:
@@ -296,12 +304,32 @@ def init_heads(config, *, hidden: int, seed: int) -> RetainingHeads:
     return random_retaining_heads(config, hidden=hidden, seed=seed, dtype=jnp.float32)
 
 
-def train(model, *, steps: int, length: int, batch: int = 1, lr: float = 5e-4, hidden: int | None = None,
-          seed: int = 0, task_mix=DEFAULT_TASK_MIX, time_budget_s: float | None = None, rows: str = "all",
-          chunk: int | None = None, hosts: int = 4, keep: float = 1 / 16, eval_every: int | None = None,
-          eval_batch: int | None = None, updates_per_batch: int = 1, warmup: int | None = None,
-          weight_decay: float = 0.01, clip: float = 0.5, smooth_weight: float = SMOOTH_WEIGHT,
-          heads: RetainingHeads | None = None, progress: bool = True, log_every: int = 10):
+def train(
+    model,
+    *,
+    steps: int,
+    length: int,
+    batch: int = 1,
+    lr: float = 5e-4,
+    hidden: int | None = None,
+    seed: int = 0,
+    task_mix=DEFAULT_TASK_MIX,
+    time_budget_s: float | None = None,
+    rows: str = "all",
+    chunk: int | None = None,
+    hosts: int = 4,
+    keep: float = 1 / 16,
+    eval_every: int | None = None,
+    eval_batch: int | None = None,
+    updates_per_batch: int = 1,
+    warmup: int | None = None,
+    weight_decay: float = 0.01,
+    clip: float = 0.5,
+    smooth_weight: float = SMOOTH_WEIGHT,
+    heads: RetainingHeads | None = None,
+    progress: bool = True,
+    log_every: int = 10,
+):
     """Train retaining heads for the frozen `model` (an `apb_jax.Model`).  Returns (RetainingHeads float32, history).
 
     steps: batches (each `updates_per_batch` optimiser updates); length: tokens per row; batch: rows per step;
@@ -331,11 +359,19 @@ def train(model, *, steps: int, length: int, batch: int = 1, lr: float = 5e-4, h
     _check("hidden", hidden, isinstance(hidden, int) and hidden >= 1, "an integer >= 1")
     _check("rows", rows, rows in ROWS, f"one of {ROWS}")
     _check("chunk", chunk, chunk is None or (isinstance(chunk, int) and chunk >= 1), "None or an integer >= 1")
-    _check("hosts", hosts, isinstance(hosts, int) and 1 <= hosts <= length // MIN_BLOCK,
-           f"an integer in [1, length // {MIN_BLOCK}] = [1, {length // MIN_BLOCK}]")
+    _check(
+        "hosts",
+        hosts,
+        isinstance(hosts, int) and 1 <= hosts <= length // MIN_BLOCK,
+        f"an integer in [1, length // {MIN_BLOCK}] = [1, {length // MIN_BLOCK}]",
+    )
     _check("keep", keep, 0 < keep <= 1, "a fraction in (0, 1]")
-    _check("updates_per_batch", updates_per_batch, isinstance(updates_per_batch, int) and updates_per_batch >= 1,
-           "an integer >= 1")
+    _check(
+        "updates_per_batch",
+        updates_per_batch,
+        isinstance(updates_per_batch, int) and updates_per_batch >= 1,
+        "an integer >= 1",
+    )
     _check("time_budget_s", time_budget_s, time_budget_s is None or time_budget_s > 0, "None or seconds > 0")
     _check("clip", clip, clip > 0, "a number > 0")
     _check("log_every", log_every, isinstance(log_every, int) and log_every >= 1, "an integer >= 1")
@@ -345,8 +381,12 @@ def train(model, *, steps: int, length: int, batch: int = 1, lr: float = 5e-4, h
     _check("eval_batch", eval_batch, isinstance(eval_batch, int) and eval_batch >= 1, "an integer >= 1")
     total_updates = steps * updates_per_batch
     warmup = min(100, max(1, total_updates // 10)) if warmup is None else warmup
-    _check("warmup", warmup, isinstance(warmup, int) and 0 <= warmup <= total_updates,
-           f"an integer in [0, steps * updates_per_batch] = [0, {total_updates}]")
+    _check(
+        "warmup",
+        warmup,
+        isinstance(warmup, int) and 0 <= warmup <= total_updates,
+        f"an integer in [0, steps * updates_per_batch] = [0, {total_updates}]",
+    )
     sample_batch(np.random.default_rng(0), task_mix, length, 1)  # a bad task mix fails here, before compiling
 
     t_start = time.perf_counter()
@@ -394,19 +434,39 @@ def train(model, *, steps: int, length: int, batch: int = 1, lr: float = 5e-4, h
     rng = np.random.default_rng(seed)
     # held-out rows, computed `batch` rows at a time so the training step's compiled forward serves them too
     eval_rng = np.random.default_rng([seed, 1])
-    parts = [features(model.params, jnp.asarray(sample_batch(eval_rng, task_mix, length, batch).tokens))
-             for _ in range(-(-eval_batch // batch))]
+    parts = [
+        features(model.params, jnp.asarray(sample_batch(eval_rng, task_mix, length, batch).tokens))
+        for _ in range(-(-eval_batch // batch))
+    ]
     eval_feats = Features(*(jnp.concatenate(xs, axis=1 if x.ndim > 2 else 0) for xs, x in zip(zip(*parts), parts[0])))
     eval_batch = int(eval_feats.key_mask.shape[0])
     baseline = _summary(*evaluate(heads, eval_feats))
     history: dict[str, Any] = {
-        "config": {"model": str(getattr(model, "path", None)), "steps": steps, "length": length, "batch": batch,
-                   "lr": lr, "hidden": hidden, "seed": seed, "task_mix": _mix_str(task_mix), "rows": rows,
-                   "chunk": chunk or default_chunk(batch, cfg.num_heads, length), "hosts": hosts, "block": block,
-                   "keep": keep, "k": k, "updates_per_batch": updates_per_batch, "warmup": warmup,
-                   "weight_decay": weight_decay, "clip": clip, "smooth_weight": smooth_weight,
-                   "time_budget_s": time_budget_s, "eval_batch": eval_batch, "model_dtype": str(model.dtype),
-                   "device": str(jax.devices()[0])},
+        "config": {
+            "model": str(getattr(model, "path", None)),
+            "steps": steps,
+            "length": length,
+            "batch": batch,
+            "lr": lr,
+            "hidden": hidden,
+            "seed": seed,
+            "task_mix": _mix_str(task_mix),
+            "rows": rows,
+            "chunk": chunk or default_chunk(batch, cfg.num_heads, length),
+            "hosts": hosts,
+            "block": block,
+            "keep": keep,
+            "k": k,
+            "updates_per_batch": updates_per_batch,
+            "warmup": warmup,
+            "weight_decay": weight_decay,
+            "clip": clip,
+            "smooth_weight": smooth_weight,
+            "time_budget_s": time_budget_s,
+            "eval_batch": eval_batch,
+            "model_dtype": str(model.dtype),
+            "device": str(jax.devices()[0]),
+        },
         "baseline": baseline,
         "train": {"step": [], "lr": [], "loss": [], "smooth_l1": [], "adjacent_mse": [], "recall": []},
         "eval": [],
@@ -436,9 +496,11 @@ def train(model, *, steps: int, length: int, batch: int = 1, lr: float = 5e-4, h
         ev["step"] = s
         ev["seconds"] = round(time.perf_counter() - t_start, 2)
         history["eval"].append(ev)
-        bar.write(f"step {s}: eval loss {ev['loss']:.4f}  recall {ev['recall']:.3f} (random heads "
-                  f"{baseline['recall']:.3f})  needle recall {ev['needle_recall']:.3f} (target "
-                  f"{ev['needle_recall_target']:.3f})")
+        bar.write(
+            f"step {s}: eval loss {ev['loss']:.4f}  recall {ev['recall']:.3f} (random heads "
+            f"{baseline['recall']:.3f})  needle recall {ev['needle_recall']:.3f} (target "
+            f"{ev['needle_recall_target']:.3f})"
+        )
 
     try:
         while step < steps:
@@ -469,10 +531,14 @@ def train(model, *, steps: int, length: int, batch: int = 1, lr: float = 5e-4, h
     if step and (not history["eval"] or history["eval"][-1]["step"] != step):
         run_eval(step)
     seconds = time.perf_counter() - t_start
-    history.update(steps_done=step, stopped=stopped, seconds=round(seconds, 2),
-                   first_step_seconds=round(t_first - t_start, 2) if t_first else None,
-                   steps_per_second=round((step - 1) / (t_loop - t_first), 2) if t_first and step > 1 else None,
-                   final=history["eval"][-1] if history["eval"] else baseline)
+    history.update(
+        steps_done=step,
+        stopped=stopped,
+        seconds=round(seconds, 2),
+        first_step_seconds=round(t_first - t_start, 2) if t_first else None,
+        steps_per_second=round((step - 1) / (t_loop - t_first), 2) if t_first and step > 1 else None,
+        final=history["eval"][-1] if history["eval"] else baseline,
+    )
     return heads, history
 
 
@@ -519,8 +585,9 @@ def plot_history(history: dict, path: str | Path) -> Path | None:
 def _parse_mix(s: str):
     parts = [p.strip() for p in s.split(",") if p.strip()]
     if not parts:
-        raise ValueError(f"--task-mix={s!r} names no task; allowed: a comma list of {DEFAULT_TASK_MIX}, each "
-                         f"optionally name:weight")
+        raise ValueError(
+            f"--task-mix={s!r} names no task; allowed: a comma list of {DEFAULT_TASK_MIX}, each optionally name:weight"
+        )
     if any(":" in p for p in parts):
         out = {}
         for p in parts:
@@ -540,10 +607,17 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4, Locret's)")
     ap.add_argument("--hidden", type=int, default=None, help="head width R (default: from the model, see the doc)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--task-mix", default=",".join(DEFAULT_TASK_MIX),
-                    help="comma list of tasks, optionally name:weight (default: all three, equal weights)")
-    ap.add_argument("--rows", choices=ROWS, default="all",
-                    help="which query rows define importance: all later rows (default) or the query/answer tail")
+    ap.add_argument(
+        "--task-mix",
+        default=",".join(DEFAULT_TASK_MIX),
+        help="comma list of tasks, optionally name:weight (default: all three, equal weights)",
+    )
+    ap.add_argument(
+        "--rows",
+        choices=ROWS,
+        default="all",
+        help="which query rows define importance: all later rows (default) or the query/answer tail",
+    )
     ap.add_argument("--time-budget-s", type=float, default=None, help="stop after this many seconds, then save")
     ap.add_argument("--log", default=None, help="history JSON (default: OUT with .json); a PNG plot goes beside it")
     ap.add_argument("--dtype", default="float32", help="dtype of the frozen forward (default float32)")
@@ -551,8 +625,12 @@ def main(argv=None) -> int:
     ap.add_argument("--hosts", type=int, default=4, help="blocks of the ranking metric (default 4)")
     ap.add_argument("--keep", type=float, default=1 / 16, help="kept fraction of a block (default 1/16)")
     ap.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations")
-    ap.add_argument("--eval-batch", type=int, default=None,
-                    help="held-out rows (default max(batch, 2), rounded up to a multiple of batch)")
+    ap.add_argument(
+        "--eval-batch",
+        type=int,
+        default=None,
+        help="held-out rows (default max(batch, 2), rounded up to a multiple of batch)",
+    )
     ap.add_argument("--updates-per-batch", type=int, default=1, help="optimiser updates per batch of features")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up updates (default min(100, 10%%))")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -566,11 +644,26 @@ def main(argv=None) -> int:
         raise ValueError(f"--out={args.out!r} must end in .safetensors (the released-heads format)")
     log = Path(args.log) if args.log else out.with_suffix(".json")
     model = load(args.model, dtype=args.dtype)
-    heads, history = train(model, steps=args.steps, length=args.length, batch=args.batch, lr=args.lr,
-                           hidden=args.hidden, seed=args.seed, task_mix=_parse_mix(args.task_mix),
-                           time_budget_s=args.time_budget_s, rows=args.rows, chunk=args.chunk, hosts=args.hosts,
-                           keep=args.keep, eval_every=args.eval_every, eval_batch=args.eval_batch,
-                           updates_per_batch=args.updates_per_batch, warmup=args.warmup, progress=not args.quiet)
+    heads, history = train(
+        model,
+        steps=args.steps,
+        length=args.length,
+        batch=args.batch,
+        lr=args.lr,
+        hidden=args.hidden,
+        seed=args.seed,
+        task_mix=_parse_mix(args.task_mix),
+        time_budget_s=args.time_budget_s,
+        rows=args.rows,
+        chunk=args.chunk,
+        hosts=args.hosts,
+        keep=args.keep,
+        eval_every=args.eval_every,
+        eval_batch=args.eval_batch,
+        updates_per_batch=args.updates_per_batch,
+        warmup=args.warmup,
+        progress=not args.quiet,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     save_retaining_heads(heads, out)
     history["out"] = str(out)
@@ -578,10 +671,12 @@ def main(argv=None) -> int:
     log.write_text(json.dumps(history, indent=1))
     png = plot_history(history, log.with_suffix(".png"))
     b, f = history["baseline"], history["final"]
-    print(f"{history['steps_done']} steps in {history['seconds']:.0f}s ({history['stopped']}); held-out top-"
-          f"{history['config']['k']}/{history['config']['block']} recall {f['recall']:.3f} (random heads "
-          f"{b['recall']:.3f}), max-pooled {f['recall_pooled']:.3f}, needle digits kept {f['needle_recall']:.3f} "
-          f"(target ceiling {f['needle_recall_target']:.3f}); loss {f['loss']:.4f} (from {b['loss']:.4f})")
+    print(
+        f"{history['steps_done']} steps in {history['seconds']:.0f}s ({history['stopped']}); held-out top-"
+        f"{history['config']['k']}/{history['config']['block']} recall {f['recall']:.3f} (random heads "
+        f"{b['recall']:.3f}), max-pooled {f['recall_pooled']:.3f}, needle digits kept {f['needle_recall']:.3f} "
+        f"(target ceiling {f['needle_recall_target']:.3f}); loss {f['loss']:.4f} (from {b['loss']:.4f})"
+    )
     print(f"heads -> {out}\nlog   -> {log}" + (f"\nplot  -> {png}" if png else ""))
     return 0
 

@@ -23,6 +23,7 @@ directory (`config.json` with model_type llama, `model.safetensors`, the tokeniz
 `apb_jax.load` both read. `--ckpt-dir` keeps an orbax checkpoint (params, optimizer state, curriculum) to resume
 from. The loss/accuracy history goes to a JSON file and a plot.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,38 +84,61 @@ class TrainConfig:
         def need(ok, what):
             if not ok:
                 raise ValueError(what)
+
         need(self.layers >= 1, f"layers={self.layers} must be >= 1")
         need(self.heads % self.kv_heads == 0, f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
         need(self.lr > 0, f"lr={self.lr} must be > 0")
         need(self.warmup >= 0, f"warmup={self.warmup} must be >= 0")
         need(0 <= self.cooldown < 1, f"cooldown={self.cooldown} must be in [0, 1)")
-        need(self.start_len >= 64 and self.start_len & (self.start_len - 1) == 0,
-             f"start_len={self.start_len} must be a power of two >= 64")
+        need(
+            self.start_len >= 64 and self.start_len & (self.start_len - 1) == 0,
+            f"start_len={self.start_len} must be a power of two >= 64",
+        )
         need(self.max_len >= self.start_len, f"max_len={self.max_len} must be >= start_len={self.start_len}")
-        need(self.tokens_per_step >= self.max_len,
-             f"tokens_per_step={self.tokens_per_step} must be >= max_len={self.max_len} (one row per step at least)")
+        need(
+            self.tokens_per_step >= self.max_len,
+            f"tokens_per_step={self.tokens_per_step} must be >= max_len={self.max_len} (one row per step at least)",
+        )
         need(0 < self.advance_acc <= 1, f"advance_acc={self.advance_acc} must be in (0, 1]")
-        need(1 <= self.min_stage_steps <= self.max_stage_steps,
-             f"need 1 <= min_stage_steps ({self.min_stage_steps}) <= max_stage_steps ({self.max_stage_steps})")
+        need(
+            1 <= self.min_stage_steps <= self.max_stage_steps,
+            f"need 1 <= min_stage_steps ({self.min_stage_steps}) <= max_stage_steps ({self.max_stage_steps})",
+        )
         need(0 <= self.replay < 1, f"replay={self.replay} must be in [0, 1)")
-        need(1 <= self.min_needles <= self.max_needles,
-             f"need 1 <= min_needles ({self.min_needles}) <= max_needles ({self.max_needles})")
+        need(
+            1 <= self.min_needles <= self.max_needles,
+            f"need 1 <= min_needles ({self.min_needles}) <= max_needles ({self.max_needles})",
+        )
         need(self.first_token_weight > 0, f"first_token_weight={self.first_token_weight} must be > 0")
         need(self.gate in ("min", "mean"), f"gate={self.gate!r} must be 'min' or 'mean'")
-        need(self.compute_dtype in ("bfloat16", "float32"),
-             f"compute_dtype={self.compute_dtype!r} must be 'bfloat16' or 'float32'")
+        need(
+            self.compute_dtype in ("bfloat16", "float32"),
+            f"compute_dtype={self.compute_dtype!r} must be 'bfloat16' or 'float32'",
+        )
         parse_mix(self.task_mix)
 
     def model_config(self):
         from apb_jax.config import ModelConfig, RopeConfig
         from apb_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
-        return ModelConfig(model_type="llama", vocab_size=VOCAB_SIZE, hidden_size=self.hidden,
-                           intermediate_size=self.intermediate, num_layers=self.layers, num_heads=self.heads,
-                           num_kv_heads=self.kv_heads, head_dim=self.head_dim, rms_norm_eps=1e-5,
-                           rope=RopeConfig(theta=self.rope_theta),
-                           max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=True,
-                           bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,), pad_token_id=PAD_ID, dtype="float32")
+        return ModelConfig(
+            model_type="llama",
+            vocab_size=VOCAB_SIZE,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_layers=self.layers,
+            num_heads=self.heads,
+            num_kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=1e-5,
+            rope=RopeConfig(theta=self.rope_theta),
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=True,
+            bos_token_id=BOS_ID,
+            eos_token_ids=(EOS_ID,),
+            pad_token_id=PAD_ID,
+            dtype="float32",
+        )
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -200,17 +224,28 @@ class Curriculum:
         last = self.stage == len(self.lengths) - 1
         ready = self.steps_in_stage >= self.cfg.min_stage_steps and self.ema >= self.cfg.advance_acc
         if not last and (ready or self.steps_in_stage >= self.cfg.max_stage_steps):
-            self.events.append({"step": step, "from": self.length, "to": self.lengths[self.stage + 1],
-                                "ema_acc": round(self.ema, 4), "steps_in_stage": self.steps_in_stage,
-                                "task_ema": {t: round(float(v), 4) for t, v in self.task_ema.items()},
-                                "reason": "accuracy" if ready else "max_stage_steps"})
+            self.events.append(
+                {
+                    "step": step,
+                    "from": self.length,
+                    "to": self.lengths[self.stage + 1],
+                    "ema_acc": round(self.ema, 4),
+                    "steps_in_stage": self.steps_in_stage,
+                    "task_ema": {t: round(float(v), 4) for t, v in self.task_ema.items()},
+                    "reason": "accuracy" if ready else "max_stage_steps",
+                }
+            )
             self.stage += 1
             self.steps_in_stage = 0
             self.task_ema = {}
 
     def state(self) -> dict:
-        return {"stage": self.stage, "steps_in_stage": self.steps_in_stage, "task_ema": dict(self.task_ema),
-                "events": self.events}
+        return {
+            "stage": self.stage,
+            "steps_in_stage": self.steps_in_stage,
+            "task_ema": dict(self.task_ema),
+            "events": self.events,
+        }
 
     def load_state(self, st: dict) -> None:
         self.stage = min(int(st["stage"]), len(self.lengths) - 1)
@@ -222,8 +257,9 @@ class Curriculum:
 def _make_batch(job):
     """Worker: one training batch (numpy only)."""
     seed, mix, length, batch, min_needles, needles, hops = job
-    b = sample_batch(np.random.default_rng(seed), mix, length, batch, min_needles=min_needles, max_needles=needles,
-                     max_hops=hops)
+    b = sample_batch(
+        np.random.default_rng(seed), mix, length, batch, min_needles=min_needles, max_needles=needles, max_hops=hops
+    )
     return b.tokens, b.loss_mask, b.task_ids
 
 
@@ -236,15 +272,14 @@ class Batches:
         self.rng = np.random.default_rng([seed, 1])
         self.counter = 0
         self.seed = seed
-        self.pool = (cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 0 else None)
+        self.pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 0 else None
         self.queue: deque = deque()
         self.depth = depth if workers > 0 else 0
 
     def _job(self):
         length, batch, needles, replay = self.cur.propose(self.rng)
         self.counter += 1
-        job = ((self.seed, 2, self.counter), self.mix, length, batch, self.cfg.min_needles, needles,
-               self.cfg.max_hops)
+        job = ((self.seed, 2, self.counter), self.mix, length, batch, self.cfg.min_needles, needles, self.cfg.max_hops)
         return job, {"length": length, "batch": batch, "needles": needles, "replay": replay}
 
     def next(self):
@@ -265,6 +300,7 @@ class Batches:
 
 
 # ------------------------------------------------------------------------------------------------ model & steps
+
 
 def build(cfg: TrainConfig):
     """(graphdef, params f32 nnx.State) of the model, seeded."""
@@ -295,8 +331,11 @@ def make_optimizer(cfg: TrainConfig):
     """Gradient clip + AdamW direction; the learning rate is applied by the step (it follows the clock)."""
     import optax
 
-    return optax.chain(optax.clip_by_global_norm(cfg.clip), optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8),
-                       optax.add_decayed_weights(cfg.weight_decay))
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip),
+        optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8),
+        optax.add_decayed_weights(cfg.weight_decay),
+    )
 
 
 def first_answer_tokens(mask):
@@ -329,7 +368,8 @@ def make_train_step(graphdef, optimizer, first_token_weight: float = 1.0):
     @jax.jit
     def step(params, opt_state, tokens, mask, task_ids, lr):
         (loss, (hits, count, fh, fc, ph, pc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, tokens, mask, task_ids)
+            params, tokens, mask, task_ids
+        )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         updates = jax.tree.map(lambda u: -lr * u, updates)
         gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -353,8 +393,18 @@ def make_eval_fn(graphdef):
     return f
 
 
-def evaluate(graphdef, params, *, lengths, tasks=TASKS, num: int = 20, seed: int = 1234,
-             tokens_per_batch: int = 65536, eval_fn=None, progress=None) -> dict:
+def evaluate(
+    graphdef,
+    params,
+    *,
+    lengths,
+    tasks=TASKS,
+    num: int = 20,
+    seed: int = 1234,
+    tokens_per_batch: int = 65536,
+    eval_fn=None,
+    progress=None,
+) -> dict:
     """Exact-match accuracy per task and length: {task: {length: {"exact": .., "token": .., "n": ..}}}.
 
     Teacher-forced: an example counts when the argmax is right at every answer token, which is exactly when greedy
@@ -374,11 +424,11 @@ def evaluate(graphdef, params, *, lengths, tasks=TASKS, num: int = 20, seed: int
             msk = np.zeros((len(rows), width), np.float32)
             for i, (r, a) in enumerate(zip(rows, n_ans)):
                 tok[i, : len(r)] = r
-                msk[i, len(r) - a: len(r)] = 1.0
+                msk[i, len(r) - a : len(r)] = 1.0
             bs = max(1, tokens_per_batch // width)
             exact, hits, count = [], 0.0, 0.0
             for lo in range(0, len(rows), bs):
-                tb, mb = tok[lo: lo + bs], msk[lo: lo + bs]
+                tb, mb = tok[lo : lo + bs], msk[lo : lo + bs]
                 if len(tb) < bs and lo > 0:  # keep one compiled shape per length
                     pad = bs - len(tb)
                     tb = np.concatenate([tb, np.zeros((pad, width), np.int32)])
@@ -396,6 +446,7 @@ def evaluate(graphdef, params, *, lengths, tasks=TASKS, num: int = 20, seed: int
 
 
 # ------------------------------------------------------------------------------------------------ export / ckpt
+
 
 def export_hf(cfg: TrainConfig, params, out_dir: str | Path) -> Path:
     """Write an HF Llama directory: config.json, model.safetensors (HF names, torch [out, in] layout), tokenizer."""
@@ -417,8 +468,12 @@ def export_hf(cfg: TrainConfig, params, out_dir: str | Path) -> Path:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf = cfg.model_config().to_hf_dict()
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    gen = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"], "pad_token_id": hf["pad_token_id"],
-           "do_sample": False}
+    gen = {
+        "bos_token_id": hf["bos_token_id"],
+        "eos_token_id": hf["eos_token_id"],
+        "pad_token_id": hf["pad_token_id"],
+        "do_sample": False,
+    }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     build_tokenizer(out)
     return out
@@ -446,6 +501,7 @@ def load_checkpoint(ckpt_dir: str | Path, params, opt_state):
 
 # ------------------------------------------------------------------------------------------------ training loop
 
+
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     """Warm-up over `warmup` steps, constant, then linear to 10% over the last `cooldown` of `progress` in [0, 1]."""
     lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
@@ -468,14 +524,25 @@ def init_params(cfg: TrainConfig, init_from: str | Path):
     fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
     diff = [f"{f} {getattr(got, f)} != {getattr(want, f)}" for f in fields if getattr(got, f) != getattr(want, f)]
     if diff:
-        raise ValueError(f"init_from={str(init_from)!r} is not this config's model shape: {', '.join(diff)} "
-                         "(pass the same --layers/--hidden/... it was trained with)")
+        raise ValueError(
+            f"init_from={str(init_from)!r} is not this config's model shape: {', '.join(diff)} "
+            "(pass the same --layers/--hidden/... it was trained with)"
+        )
     return graphdef, jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), params, loaded.params)
 
 
-def train(cfg: TrainConfig, *, steps: int | None = None, time_budget_s: float | None = None, workers: int = 0,
-          ckpt_dir: str | Path | None = None, ckpt_every_s: float = 120.0, log_every: int = 10,
-          progress: bool = True, init_from: str | Path | None = None):
+def train(
+    cfg: TrainConfig,
+    *,
+    steps: int | None = None,
+    time_budget_s: float | None = None,
+    workers: int = 0,
+    ckpt_dir: str | Path | None = None,
+    ckpt_every_s: float = 120.0,
+    log_every: int = 10,
+    progress: bool = True,
+    init_from: str | Path | None = None,
+):
     """Train from scratch, from the weights of an exported model `init_from` (fresh optimizer and curriculum: a
     fine-tune), or resume from `ckpt_dir` (which wins when it holds a checkpoint), until `steps` or `time_budget_s`.
 
@@ -515,21 +582,34 @@ def train(cfg: TrainConfig, *, steps: int | None = None, time_budget_s: float | 
         for s, info, stats in pending:
             stats = np.asarray(stats, np.float64)
             loss, hits, count, gnorm, fh, fc = (float(x) for x in stats[:6])
-            per_hits, per_count = stats[6:6 + len(TASKS)], stats[6 + len(TASKS):]
+            per_hits, per_count = stats[6 : 6 + len(TASKS)], stats[6 + len(TASKS) :]
             cur.observe(info["length"], per_hits, per_count, s)
-            records.append({"step": s, "length": info["length"], "batch": info["batch"], "replay": info["replay"],
-                            "needles": info["needles"], "loss": round(loss, 5),
-                            "acc": round(hits / max(count, 1.0), 5), "first_acc": round(fh / max(fc, 1.0), 5),
-                            "first_acc_task": {t: round(h / c, 4) for t, h, c in zip(TASKS, per_hits, per_count)
-                                               if c > 0},
-                            "gnorm": round(gnorm, 4),
-                            "lr": info["lr"], "time_s": round(info["t"], 2)})
+            records.append(
+                {
+                    "step": s,
+                    "length": info["length"],
+                    "batch": info["batch"],
+                    "replay": info["replay"],
+                    "needles": info["needles"],
+                    "loss": round(loss, 5),
+                    "acc": round(hits / max(count, 1.0), 5),
+                    "first_acc": round(fh / max(fc, 1.0), 5),
+                    "first_acc_task": {t: round(h / c, 4) for t, h, c in zip(TASKS, per_hits, per_count) if c > 0},
+                    "gnorm": round(gnorm, 4),
+                    "lr": info["lr"],
+                    "time_s": round(info["t"], 2),
+                }
+            )
         pending.clear()
         if records:
             r = records[-1]
-            bar.set_postfix(len=cur.length, loss=f"{r['loss']:.3f}", acc=f"{r['acc']:.3f}",
-                            first=f"{r['first_acc']:.3f}",
-                            ema=f"{cur.ema:.3f}" if cur.ema is not None else "-")
+            bar.set_postfix(
+                len=cur.length,
+                loss=f"{r['loss']:.3f}",
+                acc=f"{r['acc']:.3f}",
+                first=f"{r['first_acc']:.3f}",
+                ema=f"{cur.ema:.3f}" if cur.ema is not None else "-",
+            )
 
     try:
         while True:
@@ -547,8 +627,9 @@ def train(cfg: TrainConfig, *, steps: int | None = None, time_budget_s: float | 
             (tokens, mask, task_ids), info = feed.next()
             shape = tokens.shape
             tc = time.perf_counter()
-            params, opt_state, stats = step_fn(params, opt_state, jnp.asarray(tokens), jnp.asarray(mask),
-                                               jnp.asarray(task_ids), jnp.float32(lr))
+            params, opt_state, stats = step_fn(
+                params, opt_state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(task_ids), jnp.float32(lr)
+            )
             if shape not in seen_shapes:  # first call of a shape: compile time, kept out of the lr clock
                 seen_shapes.add(shape)
                 jax.block_until_ready(stats)
@@ -561,8 +642,9 @@ def train(cfg: TrainConfig, *, steps: int | None = None, time_budget_s: float | 
                 flush()
             if ckpt_dir is not None and time.perf_counter() - last_ckpt > ckpt_every_s:
                 flush()
-                save_checkpoint(ckpt_dir, params, opt_state,
-                                {"step": step, "curriculum": cur.state(), "records": records})
+                save_checkpoint(
+                    ckpt_dir, params, opt_state, {"step": step, "curriculum": cur.state(), "records": records}
+                )
                 last_ckpt = time.perf_counter()
         flush()
     finally:
@@ -570,9 +652,15 @@ def train(cfg: TrainConfig, *, steps: int | None = None, time_budget_s: float | 
         feed.close()
     if ckpt_dir is not None:
         save_checkpoint(ckpt_dir, params, opt_state, {"step": step, "curriculum": cur.state(), "records": records})
-    history = {"steps": records, "curriculum": cur.events, "final_stage_length": cur.length,
-               "train_seconds": round(time.perf_counter() - t0, 1), "compile_seconds": round(compile_s, 1),
-               "start_step": start_step, "end_step": step}
+    history = {
+        "steps": records,
+        "curriculum": cur.events,
+        "final_stage_length": cur.length,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "compile_seconds": round(compile_s, 1),
+        "start_step": start_step,
+        "end_step": step,
+    }
     return graphdef, params, history
 
 
@@ -596,7 +684,7 @@ def plot_history(history: dict, evals: dict | None, path: str | Path) -> Path | 
         k = 50
         if main.sum() > k:
             sm = np.convolve(y[main], np.ones(k) / k, mode="valid")
-            ax.plot(s[main][k - 1:], sm, "-", lw=1.2, label=f"mean of {k}")
+            ax.plot(s[main][k - 1 :], sm, "-", lw=1.2, label=f"mean of {k}")
         for e in history["curriculum"]:
             ax.axvline(e["step"], color="grey", lw=0.5, alpha=0.5)
         ax.set_xlabel("step")
@@ -624,7 +712,9 @@ def plot_history(history: dict, evals: dict | None, path: str | Path) -> Path | 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="HF directory to export to (e.g. apb_jax/assets/retriever)")
-    ap.add_argument("--log", default=None, help="history JSON, a PNG beside it (default training/results/train_log_<date>.json)")
+    ap.add_argument(
+        "--log", default=None, help="history JSON, a PNG beside it (default training/results/train_log_<date>.json)"
+    )
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--time-budget-s", type=float, default=None)
     ap.add_argument("--workers", type=int, default=None, help="batch-building processes (default: cores - 2, max 8)")
@@ -633,8 +723,11 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-lengths", default="1024,4096,16384,32768")
     ap.add_argument("--eval-num", type=int, default=20)
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--init-from", default=None,
-                    help="exported model directory to start from (a fine-tune: fresh optimizer and curriculum)")
+    ap.add_argument(
+        "--init-from",
+        default=None,
+        help="exported model directory to start from (a fine-tune: fresh optimizer and curriculum)",
+    )
     for f in dataclasses.fields(TrainConfig):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = ap.parse_args(argv)
@@ -646,26 +739,51 @@ def main(argv=None) -> int:
 
     import jax
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
-          f"model {cfg.layers}L h{cfg.hidden} {cfg.heads}q/{cfg.kv_heads}kv d{cfg.head_dim}; workers {workers}",
-          flush=True)
-    graphdef, params, history = train(cfg, steps=args.steps, time_budget_s=args.time_budget_s, workers=workers,
-                                      ckpt_dir=args.ckpt_dir, ckpt_every_s=args.ckpt_every_s,
-                                      progress=not args.no_progress, init_from=args.init_from)
-    print(f"trained {history['end_step'] - history['start_step']} steps in {history['train_seconds']} s "
-          f"(compile {history['compile_seconds']} s); curriculum reached length {history['final_stage_length']}",
-          flush=True)
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
+        f"model {cfg.layers}L h{cfg.hidden} {cfg.heads}q/{cfg.kv_heads}kv d{cfg.head_dim}; workers {workers}",
+        flush=True,
+    )
+    graphdef, params, history = train(
+        cfg,
+        steps=args.steps,
+        time_budget_s=args.time_budget_s,
+        workers=workers,
+        ckpt_dir=args.ckpt_dir,
+        ckpt_every_s=args.ckpt_every_s,
+        progress=not args.no_progress,
+        init_from=args.init_from,
+    )
+    print(
+        f"trained {history['end_step'] - history['start_step']} steps in {history['train_seconds']} s "
+        f"(compile {history['compile_seconds']} s); curriculum reached length {history['final_stage_length']}",
+        flush=True,
+    )
     for e in history["curriculum"]:
         acc = e.get("task_ema", e["ema_acc"])
         print(f"  step {e['step']}: {e['from']} -> {e['to']} ({e['reason']}, ema acc {acc})")
     t0 = time.perf_counter()
-    evals = evaluate(graphdef, params, lengths=eval_lengths, num=args.eval_num,
-                     progress=lambda t, n, r: print(f"  eval {t:<18} {n:>6}: exact {r['exact']:.3f} "
-                                                    f"token {r['token']:.3f} (n={r['n']})", flush=True))
+    evals = evaluate(
+        graphdef,
+        params,
+        lengths=eval_lengths,
+        num=args.eval_num,
+        progress=lambda t, n, r: print(
+            f"  eval {t:<18} {n:>6}: exact {r['exact']:.3f} token {r['token']:.3f} (n={r['n']})", flush=True
+        ),
+    )
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    record = {"config": dataclasses.asdict(cfg), "params": n_params, "device": jax.devices()[0].device_kind,
-              "jax_version": jax.__version__, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:] if argv is None
-              else list(argv), "eval": evals, "eval_seconds": round(time.perf_counter() - t0, 1), **history}
+    record = {
+        "config": dataclasses.asdict(cfg),
+        "params": n_params,
+        "device": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "eval": evals,
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+        **history,
+    }
     log = Path(args.log) if args.log else ROOT / "training" / "results" / f"train_log_{time.strftime('%Y-%m-%d')}.json"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(json.dumps(record))

@@ -4,6 +4,7 @@ The model knows nothing about devices or meshes: every layer hands its projectio
 chosen outside (a strategy) and gets the attention output back.  Shapes: tokens [B, T]; q [B, T, H, D];
 k, v [B, T, KVH, D].
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,8 +67,9 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(i, o, bias, *, dtype, param_dtype, rngs):
-    return nnx.Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                      kernel_init=nnx.initializers.normal(0.02))
+    return nnx.Linear(
+        i, o, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=nnx.initializers.normal(0.02)
+    )
 
 
 class Attention(nnx.Module):
@@ -109,15 +111,17 @@ class LlamaForCausalLM(nnx.Module):
         self.config = cfg
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, **kw, rngs=rngs,
-                                      embedding_init=nnx.initializers.normal(0.02))
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, **kw, rngs=rngs, embedding_init=nnx.initializers.normal(0.02)
+        )
         self.layers = nnx.List([DecoderLayer(cfg, **kw, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, **kw, rngs=rngs)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, attention: AttentionFn,
-                 rope_seq_len: int | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, attention: AttentionFn, rope_seq_len: int | None = None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """tokens, positions: int [B, T] -> (final-normed hidden [B, T, hidden], (k, v) each [L, B, T, KVH, D]).
 
         k is after RoPE: exactly what a cache holds.  `rope_seq_len` is the total length (dynamic RoPE only).
@@ -146,6 +150,5 @@ class LlamaForCausalLM(nnx.Module):
         """hidden [..., hidden_size] -> float32 logits [..., vocab]."""
         if self.config.tie_word_embeddings:
             w = self.embed_tokens.embedding[...].astype(self.dtype)
-            return jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), w,
-                              preferred_element_type=jnp.float32)
+            return jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)

@@ -2,6 +2,7 @@
 
 Supports rope types default, linear, dynamic (NTK, given the total sequence length) and llama3.
 """
+
 from __future__ import annotations
 
 import math

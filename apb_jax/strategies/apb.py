@@ -4,6 +4,7 @@ Per layer on host h: score the host's KVs, keep the top-P local positions per KV
 K/V of every host ([H, B, P, KVH, D] -> passing keys [B, H*P, KVH, D] in host order), and let one kernel call
 attend rows [anchor | local] to keys [passing | anchor | local] with passing keys [0, h*P) visible.
 """
+
 from __future__ import annotations
 
 import jax
@@ -35,7 +36,7 @@ def compress(ctx: HostCtx, call: AttnCall, host):
     lay = ctx.layout
     elig = eligible_local(ctx, host)
     idx = select_top(scores(ctx, call), elig, lay.anchor, lay.passing, ctx.pool_kernel)
-    k_loc, v_loc = call.k[:, lay.anchor:], call.v[:, lay.anchor:]
+    k_loc, v_loc = call.k[:, lay.anchor :], call.v[:, lay.anchor :]
     valid = jnp.arange(lay.passing) < jnp.sum(elig)
     return gather_kv(k_loc, idx), gather_kv(v_loc, idx), valid
 
@@ -62,8 +63,15 @@ def attention(ctx: HostCtx):
             kv_valid = [valid_all.reshape(-1)] + kv_valid
             passing_valid = (host * p).astype(jnp.int32)
         kv_valid = jnp.concatenate(kv_valid) if len(kv_valid) > 1 else None
-        out, _ = kernel_call(call.q, keys, vals, anchor_len=lay.anchor, passing_valid=passing_valid,
-                             kv_valid=kv_valid, backend=ctx.kernel_backend)
+        out, _ = kernel_call(
+            call.q,
+            keys,
+            vals,
+            anchor_len=lay.anchor,
+            passing_valid=passing_valid,
+            kv_valid=kv_valid,
+            backend=ctx.kernel_backend,
+        )
         return out
 
     return attend

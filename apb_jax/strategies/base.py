@@ -4,6 +4,7 @@ A strategy module exposes `attention(ctx: HostCtx) -> AttentionFn`: called once 
 program (shard_map over "sp", jax.vmap over "sp", or a single-host replay), it returns the function every layer
 calls.  Strategies talk to other hosts only through `ctx.coll` (parallel.MeshCollectives or ReplayCollectives).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -103,6 +104,7 @@ def kernel_call(q, k, v, *, anchor_len, passing_valid=None, kv_valid=None, causa
 
     if kv_valid is not None and kv_valid.ndim == 1:
         kv_valid = jnp.broadcast_to(kv_valid, (q.shape[0], kv_valid.shape[0]))
-    out, lse = apb_attention(q, k, v, anchor_len=anchor_len, passing_valid=passing_valid, kv_valid=kv_valid,
-                             causal=causal, backend=backend)
+    out, lse = apb_attention(
+        q, k, v, anchor_len=anchor_len, passing_valid=passing_valid, kv_valid=kv_valid, causal=causal, backend=backend
+    )
     return out, jnp.swapaxes(lse, -1, -2)

@@ -1,4 +1,5 @@
 """Single-device causal attention: cuDNN flash attention on GPU, blocked plain-XLA attention on the CPU."""
+
 from __future__ import annotations
 
 import functools
@@ -54,8 +55,9 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: in
 def _blocked_causal(q, k, v, chunk):
     from pallas_kernels.xla_blocked import apb_attention_xla
 
-    out, _ = apb_attention_xla(q, k, v, jnp.int32(0), None, anchor_len=0, causal=True,
-                               sm_scale=1.0 / float(q.shape[-1]) ** 0.5)
+    out, _ = apb_attention_xla(
+        q, k, v, jnp.int32(0), None, anchor_len=0, causal=True, sm_scale=1.0 / float(q.shape[-1]) ** 0.5
+    )
     return out
 
 

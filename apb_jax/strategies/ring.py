@@ -3,6 +3,7 @@
 Host h holds block h.  Step s (0..H-1) sees block (h - s) mod H: the diagonal block causally at s = 0, earlier
 blocks fully, later ones (h - s < 0) skipped.  Must be called inside the per-host program over "sp".
 """
+
 from __future__ import annotations
 
 import jax

@@ -1,5 +1,6 @@
 """Star Attention: every host attends its block to an anchor (the document's first A tokens, A = B by default)
 plus its own block causally; nothing passes between hosts."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -20,8 +21,9 @@ def attention(ctx: HostCtx):
         kv_valid = None
         if lay.anchor:
             kv_valid = jnp.concatenate([anchor_valid(ctx), jnp.ones((lay.block,), bool)])
-        out, _ = kernel_call(call.q, call.k, call.v, anchor_len=lay.anchor, kv_valid=kv_valid,
-                             backend=ctx.kernel_backend)
+        out, _ = kernel_call(
+            call.q, call.k, call.v, anchor_len=lay.anchor, kv_valid=kv_valid, backend=ctx.kernel_backend
+        )
         return out
 
     return attend

@@ -41,6 +41,7 @@ The devices come from `devices_under_test()` only: to try these bodies without a
 in a scratch copy and run it on fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8,
 JAX_PLATFORMS=cpu, JAX_DEFAULT_MATMUL_PRECISION=highest); the kernel is then the CPU one ("xla").
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,10 @@ def devices_under_test() -> list:
 
 DEVICES = devices_under_test()
 N = len(DEVICES)
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(N == 0, reason="needs a CUDA GPU (and APB_TEST_GPU=1 so jax may use it)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(N == 0, reason="needs a CUDA GPU (and APB_TEST_GPU=1 so jax may use it)"),
+]
 
 
 def production_backend() -> str:
@@ -79,14 +82,17 @@ def production_backend() -> str:
 
 
 def _hosts(counts):
-    return [pytest.param(h, id=f"{h}gpus", marks=pytest.mark.skipif(0 < N < h, reason=f"needs {h} GPUs, found {N}"))
-            for h in counts]
+    return [
+        pytest.param(h, id=f"{h}gpus", marks=pytest.mark.skipif(0 < N < h, reason=f"needs {h} GPUs, found {N}"))
+        for h in counts
+    ]
 
 
 HOSTS = _hosts([2, 4, 8])  # a real mesh of H GPUs
 # where the H hosts run: a mesh of H GPUs, or H hosts emulated by jax.vmap on the first GPU (runs on one GPU)
-PLACES = [pytest.param(("mesh", h), id=f"mesh{h}", marks=p.marks) for h, p in zip([2, 4, 8], HOSTS)] + \
-         [pytest.param(("vmap", 4), id="vmap4")]
+PLACES = [pytest.param(("mesh", h), id=f"mesh{h}", marks=p.marks) for h, p in zip([2, 4, 8], HOSTS)] + [
+    pytest.param(("vmap", 4), id="vmap4")
+]
 
 # float32: both sides are IEEE float32 with different summation orders (CPU: ~5e-7 apart).  Changing one
 # document token moves later logits (|logit| ~ 0.19) by 3e-2 to 1.6e-1, so any key seen or masked wrongly fails.
@@ -101,12 +107,30 @@ BF16_TOL = 2e-2  # relative (Frobenius) error of bf16 logits vs float32: measure
 APPROX_BOUND = 1.0
 LONG_APPROX_BOUND = 0.6
 
-CFG = ModelConfig(model_type="llama", vocab_size=97, hidden_size=128, intermediate_size=256, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=64, eos_token_ids=())  # d=64: a Triton f32 kernel shape
+CFG = ModelConfig(
+    model_type="llama",
+    vocab_size=97,
+    hidden_size=128,
+    intermediate_size=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    eos_token_ids=(),
+)  # d=64: a Triton f32 kernel shape
 DOC_LEN, Q_LEN, Q_INSERT = 113, 7, 2  # 113 is prime: never divisible by the host count
 # bf16 / production kernel: head_dim 128 (the Mosaic kernel's main shape), a longer prime-length document
-CFG_BF16 = ModelConfig(model_type="llama", vocab_size=97, hidden_size=256, intermediate_size=512, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=128, eos_token_ids=())
+CFG_BF16 = ModelConfig(
+    model_type="llama",
+    vocab_size=97,
+    hidden_size=256,
+    intermediate_size=512,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=128,
+    eos_token_ids=(),
+)
 LONG_DOC, LONG_Q = 3001, 7
 
 
@@ -162,7 +186,7 @@ def full_reference(model, doc, q):
     """Full causal attention on the first GPU: (doc logits [1, L, V], next-token logits [1, V]), finite."""
     logits = np.asarray(model.logits(np.concatenate([doc, q])[None]))
     finite(logits)
-    return logits[:, :len(doc)], logits[:, -1]
+    return logits[:, : len(doc)], logits[:, -1]
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +206,10 @@ def long_models():
     m32 = Model.random(CFG_BF16, dtype="float32", seed=5)
     graph_bf16 = Model.random(CFG_BF16, dtype="bfloat16", seed=5).graphdef
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), m32.params)
-    return (Model(CFG_BF16, graph_bf16, p16, jnp.dtype(jnp.bfloat16)),
-            Model(CFG_BF16, m32.graphdef, jax.tree.map(lambda x: x.astype(jnp.float32), p16), jnp.dtype(jnp.float32)))
+    return (
+        Model(CFG_BF16, graph_bf16, p16, jnp.dtype(jnp.bfloat16)),
+        Model(CFG_BF16, m32.graphdef, jax.tree.map(lambda x: x.astype(jnp.float32), p16), jnp.dtype(jnp.float32)),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -259,8 +285,15 @@ def test_apb_exact_mode_equals_full(model, prompt, reference, hosts, compressor)
     """A = 0 and P = B: every key is passed, so APB is exact causal attention."""
     doc, q = prompt
     heads = random_retaining_heads(CFG, hidden=32, seed=3) if compressor == "retaining_heads" else None
-    eng = on_mesh(model, "apb", hosts, anchor_len=0, passing_len=math.ceil(DOC_LEN / hosts), compressor=compressor,
-                  retaining_heads=heads)
+    eng = on_mesh(
+        model,
+        "apb",
+        hosts,
+        anchor_len=0,
+        passing_len=math.ceil(DOC_LEN / hosts),
+        compressor=compressor,
+        retaining_heads=heads,
+    )
     pre = eng.prefill(doc, q, doc_logits=True)
     lay = pre.cache.layout
     assert lay.anchor == 0 and lay.passing == lay.block and lay.hosts == hosts
@@ -277,14 +310,16 @@ def test_apb_defaults_finite_close_and_equal_to_vmap_emulation(model, prompt, re
     check_on_devices(pre, hosts)
     lay = pre.cache.layout
     block = math.ceil(DOC_LEN / hosts)
-    assert (lay.anchor, lay.passing) == (min(max(math.ceil(DOC_LEN / 32), Q_INSERT + Q_LEN + 1), block),
-                                         min(math.ceil(DOC_LEN / 64), block))
+    assert (lay.anchor, lay.passing) == (
+        min(max(math.ceil(DOC_LEN / 32), Q_INSERT + Q_LEN + 1), block),
+        min(math.ceil(DOC_LEN / 64), block),
+    )
     assert 0 < lay.passing < lay.block  # real compression: a top-P choice per host
     finite(pre.doc_logits, pre.logits)
     err = rel_err(pre.doc_logits, reference[0])
     print(f"apb defaults (A={lay.anchor}, P={lay.passing}, {hosts} GPUs) relative error vs full: {err:.3e}")
     # host 0's rows are exact; the rest differ (APB is approximate) but stay in the same ballpark
-    np.testing.assert_allclose(pre.doc_logits[:, :lay.block], reference[0][:, :lay.block], **F32_TOL)
+    np.testing.assert_allclose(pre.doc_logits[:, : lay.block], reference[0][:, : lay.block], **F32_TOL)
     assert 1e-3 < err < APPROX_BOUND
     # the same per-host program emulated on one GPU: the top-P choice, all_gather over NCCL and the passing
     # blocks on the mesh give what the emulation gives
