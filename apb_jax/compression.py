@@ -50,7 +50,7 @@ def query_aware_scores(call: AttnCall, query_start: int, query_len: int) -> jax.
 
     The query rows are [query_start, query_start + query_len) of the host's sequence (inside the anchor).
     """
-    b, t, h, d = call.q.shape
+    b, _t, h, d = call.q.shape
     kvh = call.k.shape[2]
     qrows = jax.lax.dynamic_slice_in_dim(call.q, query_start, query_len, axis=1).astype(jnp.float32)
     q_bar = qrows.reshape(b, query_len, kvh, h // kvh, d).mean(axis=(1, 3))  # [B, KVH, D]

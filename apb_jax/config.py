@@ -39,7 +39,10 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder shape and flags.  Shapes: hidden [T, hidden_size], q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim]."""
+    """Decoder shape and flags.
+
+    Shapes: hidden [T, hidden_size], q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim].
+    """
 
     model_type: str
     vocab_size: int
@@ -90,7 +93,7 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -130,7 +133,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
         f = Path(path) / "config.json"
         if not f.is_file():
             raise FileNotFoundError(f"no config.json in {path}")
@@ -186,7 +189,7 @@ def _rope_from_hf(d: dict[str, Any]) -> RopeConfig:
     params = dict(d.get("rope_parameters") or {})
     scaling = d.get("rope_scaling") or {}
     if scaling:
-        params = {**scaling, **{k: v for k, v in params.items() if k == "rope_theta"}} if not params else params
+        params = params if params else {**scaling, **{k: v for k, v in params.items() if k == "rope_theta"}}
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     return RopeConfig(

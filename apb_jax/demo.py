@@ -84,7 +84,7 @@ def run_demo(
     record = {
         "model": "retriever (trained)" if trained else "tiny random Llama (untrained stand-in)",
         "devices": [str(d) for d in jax.devices()[:devices]],
-        "document_tokens": int(len(ex.document)),
+        "document_tokens": len(ex.document),
         "question": ex.query_text,
         "truth": ex.answer_text,
         **results,

@@ -24,7 +24,6 @@ import socket
 import sys
 import threading
 import time
-from typing import Sequence
 
 import jax
 
@@ -90,8 +89,9 @@ def initialize(
     process_id in 0..N-1; local_device_count: devices this process uses (CPU: sets `jax_num_cpu_devices`;
     GPU: GPUs `local_rank*D .. local_rank*D+D-1`, local_rank from SLURM_LOCALID / OMPI_COMM_WORLD_LOCAL_RANK).
     Unset values come from the APB_JAX_* environment, then from JAX's cluster detection.  timeout_s bounds the
-    wait for every process to join (default: APB_JAX_INIT_TIMEOUT, else 300 s).  Returns True when a multi-process runtime is up, False for a single-process
-    run (nothing given, no cluster found, or a cluster of one process).  Calling it again is a no-op.
+    wait for every process to join (default: APB_JAX_INIT_TIMEOUT, else 300 s).  Returns True when a
+    multi-process runtime is up, False for a single-process run (nothing given, no cluster found, or a cluster
+    of one process).  Calling it again is a no-op.
     """
     if jax.distributed.is_initialized():
         return True
@@ -226,11 +226,11 @@ def _detected_cluster() -> tuple[str, int | None] | None:
             if not getattr(env, "opt_in_only_method", False) and env.is_env_present():
                 try:
                     count = env.get_process_count()
-                except Exception:  # noqa: BLE001 - detection only
+                except Exception:
                     count = None
                 return env.__name__, count
         return None
-    except Exception:  # noqa: BLE001 - private API moved: fall back to the usual variables
+    except Exception:
         if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_NTASKS"):
             return "SlurmCluster", int(os.environ["SLURM_NTASKS"])
         if os.environ.get("OMPI_COMM_WORLD_SIZE"):
@@ -259,7 +259,7 @@ def _backends_started() -> bool:
         from jax._src import xla_bridge
 
         return bool(xla_bridge._backends)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 

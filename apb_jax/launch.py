@@ -13,6 +13,7 @@ Ctrl-C.  JAX's runtime does the rest: this is a starter, not a protocol.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -21,8 +22,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from apb_jax import distributed as dist
 
@@ -211,10 +212,8 @@ def launch(
             for log in logs:
                 if log is not None:
                     log.unlink(missing_ok=True)
-            try:
+            with contextlib.suppress(OSError):
                 logdir.rmdir()
-            except OSError:
-                pass
     return rc
 
 
@@ -268,10 +267,8 @@ def _stop(procs: Sequence[subprocess.Popen], grace_s: float = 3.0):
         _killpg(p, signal.SIGTERM)
     end = time.monotonic() + grace_s
     for p in alive:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
     for p in procs:
         _killpg(p, signal.SIGKILL)
         if p.poll() is None:
@@ -280,10 +277,8 @@ def _stop(procs: Sequence[subprocess.Popen], grace_s: float = 3.0):
 
 
 def _killpg(p: subprocess.Popen, sig):
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(p.pid, sig)  # start_new_session: the child leads its own group
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _install_sigterm():

@@ -54,7 +54,7 @@ class Model:
     path: Path | None = None  # where it was loaded from (tokenizer files live there)
 
     @classmethod
-    def random(cls, config: ModelConfig, *, dtype=None, seed: int = 0) -> "Model":
+    def random(cls, config: ModelConfig, *, dtype=None, seed: int = 0) -> Model:
         """Random weights (N(0, 0.02)), for tests and benchmarks."""
         dt = resolve_dtype(dtype, config.dtype)
         module = LlamaForCausalLM(config, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed))

@@ -15,7 +15,9 @@ Shapes: tokens/positions of one host [batch, A + B]; the prefill returns that ho
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import operator
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +27,16 @@ from jax.sharding import PartitionSpec as P
 from apb_jax.parallel import AXIS, Layout, MeshCollectives, ReplayCollectives, global_array, host_rows, run_hosts
 
 __all__ = [
-    "ReplayCollectives",
     "RecordingCollectives",
+    "ReplayCollectives",
     "ScriptedCollectives",
     "busiest_host",
     "host_inputs",
+    "on_device",
     "record_prefill",
     "replay_prefill",
     "replay_prefill_fn",
     "replay_step_fn",
-    "on_device",
 ]
 
 
@@ -173,5 +175,5 @@ def record_prefill(engine, doc_ids, query_ids):
         engine.params, engine.heads, global_array(tokens, engine.mesh, SEQ), global_array(positions, engine.mesh, SEQ)
     )
     recs = [jax.tree_util.tree_map(to_host_sharded, r) for r in recs]
-    per_host = [[jax.tree_util.tree_map(lambda a: a[h], r) for r in recs] for h in range(lay.hosts)]
+    per_host = [[jax.tree_util.tree_map(operator.itemgetter(h), r) for r in recs] for h in range(lay.hosts)]
     return to_host_sharded(k), to_host_sharded(v), per_host

@@ -44,6 +44,7 @@ supervision, APB_SPEC.md §10) and returns `tokens` with a `loss_mask` over the 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -203,7 +204,7 @@ def _vt_items(rng: np.random.Generator, hops: Sequence[int]) -> list[_Item]:
         chain = names[k : k + h + 1]
         k += h + 1
         statements = [np.concatenate([[_VAR, chain[0], _EQ], value, [_DOT]]).astype(np.int32)]
-        for prev, cur in zip(chain[:-1], chain[1:]):
+        for prev, cur in itertools.pairwise(chain):
             statements.append(np.array([_VAR, cur, _EQ, _VAR, prev, _DOT], np.int32))
         query = np.concatenate([[_QRY, _VAR, _EQ], value, [_ANS]]).astype(np.int32)
         items.append(_Item(tuple(statements), query, np.append(chain, EOS_ID).astype(np.int32)))
@@ -359,7 +360,7 @@ def _task_weights(task_mix: str | Sequence[str] | Mapping[str, float]) -> np.nda
     if isinstance(task_mix, str):
         task_mix = {task_mix: 1.0}
     elif not isinstance(task_mix, Mapping):
-        task_mix = {t: 1.0 for t in task_mix}
+        task_mix = dict.fromkeys(task_mix, 1.0)
     for t, w in task_mix.items():
         _check_task(t)
         if not w >= 0:
@@ -482,21 +483,21 @@ def accuracy(predictions: Sequence, answers: Sequence) -> float:
 
 
 __all__ = [
-    "TASKS",
-    "SYSTEM_PREFIX",
-    "PREFIX_IDS",
-    "PREFIX_LEN",
-    "VALUE_DIGITS",
     "BOS_ID",
     "EOS_ID",
-    "Example",
+    "PREFIX_IDS",
+    "PREFIX_LEN",
+    "SYSTEM_PREFIX",
+    "TASKS",
+    "VALUE_DIGITS",
     "Batch",
-    "passkey",
-    "multikey_niah",
-    "variable_tracking",
+    "Example",
+    "accuracy",
     "generate",
     "make_examples",
+    "multikey_niah",
+    "passkey",
     "sample_batch",
     "score",
-    "accuracy",
+    "variable_tracking",
 ]

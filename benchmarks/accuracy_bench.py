@@ -140,7 +140,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.allow_random = True
         args.cpu_devices = args.cpu_devices or 4
-    words = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    words = lambda s: [x for x in s.split(",") if x]
     args.tasks = words(args.tasks)
     args.lengths = sorted(int(x) for x in words(args.lengths))
     args.hosts = sorted(int(x) for x in words(args.hosts))
@@ -283,10 +283,10 @@ def batches(examples, size: int):
 
 def run_cell(engine, examples, batch: int, deadline: float | None, progress=None) -> dict:
     """Answer `examples` with `engine`; returns predictions (text, None where not run) and timings."""
+    import numpy as np
+
     from apb_jax.tasks import score
     from apb_jax.tokenizer import ids_to_text
-
-    import numpy as np
 
     n = len(examples)
     size = min(batch, n)
@@ -494,7 +494,7 @@ def print_table(doc: dict) -> None:
             }
             for L in by_len
         ]
-        mean = lambda lab: lambda r: sum(r[lab]) / len(r[lab]) if r[lab] else None  # noqa: E731
+        mean = lambda lab: lambda r: sum(r[lab]) / len(r[lab]) if r[lab] else None
         print("prefill seconds per example (document + query -> first token; mean over tasks; compile apart)")
         print(
             format_table(trow, [("length", "d", lambda r: r["length"])] + [(lab, ".3f", mean(lab)) for lab in labels])
@@ -593,7 +593,7 @@ def finish(doc: dict, out_path: Path, no_plot: bool) -> None:
     if not no_plot:
         try:
             plot(doc, out_path.with_suffix(".png"))
-        except Exception as e:  # noqa: BLE001 - a plot must not lose the results
+        except Exception as e:
             print(f"plot failed: {e}")
 
 
@@ -615,6 +615,7 @@ def main(argv=None) -> int:
     if args.precision == "highest":
         jax.config.update("jax_default_matmul_precision", "highest")
     import common
+
     from apb_jax.tasks import make_examples
 
     try:
@@ -712,7 +713,7 @@ def main(argv=None) -> int:
                         try:
                             cell = run_cell(engine, examples, size, deadline, bar)
                             break
-                        except Exception as e:  # noqa: BLE001 - out of memory: halve the batch and retry
+                        except Exception as e:
                             if not _is_oom(str(e)) or size == 1:
                                 raise
                             size = max(1, size // 2)
@@ -720,7 +721,7 @@ def main(argv=None) -> int:
                             print(f"\n{cfg.label} {task}@{length}: out of memory, batch -> {size}", flush=True)
                     batch_size[(cfg, length)] = size  # the next task of this length starts there
                     doc["cells"].append({**base, "mode": mode, "batch": min(size, args.num), **cell, "truth": truth})
-                except Exception as e:  # noqa: BLE001 - one cell's failure must not end the run
+                except Exception as e:
                     msg = f"{type(e).__name__}: {e}"
                     doc["cells"].append({**base, "error": msg[:2000], "n": 0})
                     print(f"\n{cfg.label} {task}@{length} failed: {msg[:400]}", flush=True)

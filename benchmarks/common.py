@@ -12,8 +12,9 @@ import os
 import re
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 MB = 2**20
 # APB_SPEC §8: all_gather over 4 NVLinked H200s (jax 0.11.2), per-GPU bandwidth at 16 / 128 / 512 MB per shard.
@@ -53,11 +54,11 @@ def program_bytes(compiled) -> dict | None:
     """XLA's buffer assignment for one compiled program: arguments, outputs, temporaries (bytes)."""
     try:
         m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend reports it
+    except Exception:
         return None
     if m is None:
         return None
-    get = lambda name: int(getattr(m, name, 0) or 0)  # noqa: E731
+    get = lambda name: int(getattr(m, name, 0) or 0)
     d = {
         "argument": get("argument_size_in_bytes"),
         "output": get("output_size_in_bytes"),
@@ -86,7 +87,7 @@ def device_info() -> dict:
 def memory_stats(dev) -> dict | None:
     try:
         return dev.memory_stats()
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -186,7 +187,8 @@ def measure_bandwidth(devices, sizes: Sequence[int], repeats: int = 5) -> Bandwi
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     n = len(devices)
     mesh = Mesh(np.array(devices), ("sp",))

@@ -23,7 +23,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -33,11 +32,11 @@ import traceback
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels import ApbMask, BlockSizes, apb_attention  # noqa: E402
+from pallas_kernels import ApbMask, BlockSizes, apb_attention
 
 H, KVH, D = 32, 8, 128
 K = 1024
@@ -64,7 +63,7 @@ def _import_tokamax():
         from tokamax._src.ops.attention.pallas_mosaic_gpu import PallasMosaicGpuFlashAttention
 
         return base, PallasMosaicGpuFlashAttention()
-    except Exception as e:  # noqa: BLE001 - optional peer
+    except Exception as e:
         print(f"tokamax unavailable, skipping it: {type(e).__name__}: {e}")
         return None
 
@@ -187,7 +186,7 @@ def main(argv=None):
             del out, o32
             med, ts = time_fn(fn, arrays, args.warmup, args.reps)
             row.update(ms=med * 1e3, times_ms=[t * 1e3 for t in ts], tflops=flops / med / 1e12)
-        except Exception as e:  # noqa: BLE001 - a failing peer must not stop the run
+        except Exception as e:
             row.update(error=f"{type(e).__name__}: {str(e)[:2000]}")
             traceback.print_exc(limit=3)
         results.append(row)
@@ -221,7 +220,7 @@ def main(argv=None):
     print(f"wrote {out_path}")
     try:
         plot(out_path)
-    except Exception as e:  # noqa: BLE001 - the plot is a convenience
+    except Exception as e:
         print(f"no plot: {type(e).__name__}: {e}")
     return results
 

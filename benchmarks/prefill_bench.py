@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import math
 import os
 import sys
 import time
@@ -101,7 +100,7 @@ def parse_args(argv=None):
         args.lengths, args.full_lengths, args.hosts = "512", "512", "4"
         args.query_len = min(args.query_len, 8)
         args.real = "yes" if args.real == "auto" else args.real
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",") if x]
     args.lengths, args.full_lengths, args.hosts = ints(args.lengths), ints(args.full_lengths), ints(args.hosts)
     args.strategies = [s for s in args.strategies.split(",") if s]
     args.compressors = [s for s in args.compressors.split(",") if s]
@@ -172,14 +171,15 @@ def random_model(cfg, dtype: str, seed: int):
     placed as a 1-device NamedSharding so engines on that device reuse them without copying."""
     import jax
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from apb_jax.model import Model, resolve_dtype
     from apb_jax.models.llama import LlamaForCausalLM
     from apb_jax.parallel import make_mesh
 
     dt = resolve_dtype(dtype)
-    make = lambda: LlamaForCausalLM(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed))  # noqa: E731
+    make = lambda: LlamaForCausalLM(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed))
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     repl = NamedSharding(make_mesh(1), P())
     shardings = jax.tree_util.tree_map(lambda _: repl, abstract)
@@ -190,7 +190,6 @@ def random_model(cfg, dtype: str, seed: int):
 def random_heads(cfg, dtype, seed: int, hidden: int = 1024):
     """Random Locret retaining heads (fc1 [(H + 2 KVH) D, R], fc2 [R, KVH] per layer), made on the device."""
     import jax
-    import jax.numpy as jnp
 
     from apb_jax.compression import RetainingHeads
 
@@ -241,7 +240,7 @@ def linear_flops_per_row(cfg) -> float:
 def attention_pairs(lay, host: int) -> float:
     """Unmasked (query, key) pairs of `host`'s prefill attention, per head and layer (what must be computed)."""
     a, b, p = lay.anchor, lay.block, lay.passing
-    causal = lambda n: n * (n + 1) / 2  # noqa: E731
+    causal = lambda n: n * (n + 1) / 2
     if lay.strategy in ("full",) or lay.hosts == 1:
         return causal(b)
     if lay.strategy == "ring":
@@ -388,10 +387,10 @@ def run_point(pt: Point, model, heads, args, cfg_model, bw, backend, rng) -> dic
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from common import compile_timed, memory_stats, program_bytes, timed
 
     from apb_jax import Engine
     from apb_jax.replay import busiest_host, host_inputs, replay_prefill_fn, replay_step_fn
-    from common import compile_timed, memory_stats, program_bytes, timed
 
     cfg = model.config
     layers_run = cfg.num_layers
@@ -616,7 +615,7 @@ def targets(rows, gemm_rate) -> dict:
     L = 128 * K
     apb = _find(rows, "apb", L, 4, "query_aware")
     full, star, ring = _find(rows, "full", L, 1), _find(rows, "star", L, 4), _find(rows, "ring", L, 4)
-    ratio = lambda a, b: None if a is None or b is None else _time(b) / _time(a)  # noqa: E731
+    ratio = lambda a, b: None if a is None or b is None else _time(b) / _time(a)
     for key, other, want in (
         ("apb_vs_full_128K_H4", full, TARGETS["apb_vs_full"]),
         ("apb_vs_star_128K_H4", star, TARGETS["apb_vs_star"]),
@@ -903,7 +902,7 @@ def main(argv=None) -> int:
                 heads = random_heads(model.config, dt, args.seed + 1)
             try:
                 row = run_point(pt, model, heads, args, cfg_model, bw, backend, rng)
-            except Exception as e:  # noqa: BLE001 - a kernel backend that fails here: fall back once to triton
+            except Exception as e:
                 msg = f"{type(e).__name__}: {e}"
                 if backend != "mosaic" or pt.strategy == "full" or _is_oom(msg):
                     raise
@@ -921,7 +920,7 @@ def main(argv=None) -> int:
                 want_real = False
             if want_real and jax.device_count() >= pt.hosts > 1 and not pt.layers:
                 doc["rows"].append(run_real(pt, model, heads, args, backend, rng))
-        except Exception as e:  # noqa: BLE001 - one point's failure (e.g. out of memory) must not end the grid
+        except Exception as e:
             msg = f"{type(e).__name__}: {e}"
             doc["rows"].append(
                 {"name": pt.name, "strategy": pt.strategy, "hosts": pt.hosts, "doc_len": pt.length, "error": msg[:2000]}
@@ -935,7 +934,7 @@ def main(argv=None) -> int:
     save()
     try:
         plot(doc["rows"], png_path, info["name"])
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         print(f"plot failed: {e}")
     print(f"\nJSON: {out_path}\nplot: {png_path}")
     print_table(doc["rows"])

@@ -19,8 +19,9 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -314,7 +315,7 @@ def _list_tensors(kind: str, files: list[Path]) -> dict[str, tuple[tuple[int, ..
             from safetensors import safe_open
 
             with safe_open(str(file), framework="numpy") as f:
-                items = [(k, tuple(f.get_slice(k).get_shape())) for k in f.keys()]
+                items = [(k, tuple(f.get_slice(k).get_shape())) for k in f.keys()]  # noqa: SIM118 - safe_open is no mapping
         else:
             items = [(k, tuple(v.shape)) for k, v in _torch_load(file).items()]
         for k, shape in items:

@@ -4,4 +4,4 @@ from pallas_kernels.apb_attention import BlockSizes, apb_attention, default_back
 from pallas_kernels.mask import ApbMask
 from pallas_kernels.reference import apb_attention_reference
 
-__all__ = ["apb_attention", "apb_attention_reference", "ApbMask", "BlockSizes", "default_backend"]
+__all__ = ["ApbMask", "BlockSizes", "apb_attention", "apb_attention_reference", "default_backend"]

@@ -38,7 +38,7 @@ class BlockSizes:
     num_stages: int | None = None
 
     @classmethod
-    def get_default(cls, backend: str, head_dim: int = 128) -> "BlockSizes":
+    def get_default(cls, backend: str, head_dim: int = 128) -> BlockSizes:
         if backend == "mosaic":
             return cls(block_q=64, block_k=128, num_stages=2)
         if backend == "triton":
@@ -131,12 +131,11 @@ def _validate(q, k, v, anchor_len, passing_valid, kv_valid, backend, block_sizes
                 raise ValueError(f"{name}={x} must be a power of two >= 16 for backend {backend!r}")
     if block_sizes is not None and backend == "xla" and min(block_sizes.block_q, block_sizes.block_k) < 1:
         raise ValueError(f"block_q={block_sizes.block_q} and block_k={block_sizes.block_k} must be >= 1")
-    if block_sizes is not None and backend == "mosaic":
-        if block_sizes.block_q % 64 or block_sizes.block_k % 64:
-            raise ValueError(
-                f"block_q={block_sizes.block_q} and block_k={block_sizes.block_k} "
-                "must be multiples of 64 for backend 'mosaic'"
-            )
+    if block_sizes is not None and backend == "mosaic" and (block_sizes.block_q % 64 or block_sizes.block_k % 64):
+        raise ValueError(
+            f"block_q={block_sizes.block_q} and block_k={block_sizes.block_k} "
+            "must be multiples of 64 for backend 'mosaic'"
+        )
 
 
 def apb_attention(

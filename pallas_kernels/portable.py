@@ -14,10 +14,10 @@ import functools
 import math
 
 import jax
-from jax import lax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
 
 from pallas_kernels.mask import cdiv
 

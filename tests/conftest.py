@@ -7,6 +7,6 @@ if not os.environ.get("APB_TEST_GPU"):  # the GPU test files set APB_TEST_GPU=1 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")

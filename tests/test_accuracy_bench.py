@@ -26,7 +26,7 @@ def smoke(tmp_path_factory):
 
 
 def test_smoke_json_table_and_ring_equals_full(smoke):
-    bench, rc, out, printed = smoke
+    _bench, rc, out, printed = smoke
     assert rc == 0, printed[-3000:]
     assert "smoke ok" in printed and "accuracy %" in printed and "ring vs full: 0 differing answers" in printed
     doc = json.loads(out.read_text())
@@ -54,7 +54,7 @@ def test_smoke_json_table_and_ring_equals_full(smoke):
 
 
 def test_from_json_merges_runs(smoke, tmp_path, capsys):
-    bench, rc, out, _ = smoke
+    bench, _rc, out, _ = smoke
     doc = json.loads(out.read_text())
     other = dict(doc, device={**doc["device"], "name": "other device"})
     other["cells"] = [dict(c, length=1024, device="other device") for c in doc["cells"] if c["length"] == 256]
@@ -73,7 +73,7 @@ def test_from_json_merges_runs(smoke, tmp_path, capsys):
 
 def test_from_json_status_follows_the_merged_cells(smoke, tmp_path):
     """A run cut by its time budget, merged with a run that has the missing cell, is complete; alone it is not."""
-    bench, rc, out, _ = smoke
+    bench, _rc, out, _ = smoke
     doc = json.loads(out.read_text())
     cut = dict(doc, status="partial")
     cut["cells"] = [dict(c) for c in doc["cells"]]
@@ -107,5 +107,5 @@ def test_random_model_is_refused_without_allow_random(tmp_path, monkeypatch):
     monkeypatch.setattr(apb_jax.demo, "ASSET", tmp_path)  # no shipped retriever here
     with pytest.raises(SystemExit, match="--allow-random"):
         bench.load_model(bench.parse_args([]))
-    model, info = bench.load_model(bench.parse_args(["--allow-random"]))
+    _model, info = bench.load_model(bench.parse_args(["--allow-random"]))
     assert info["trained"] is False and "random" in info["source"]

@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from tests import hf_fixtures as hf
 from apb_jax.config import ModelConfig
 from apb_jax.loading import load
 from converters import hf_to_flax as conv
+from tests import hf_fixtures as hf
 
 pytest.importorskip("torch")
 
@@ -70,7 +70,7 @@ def _expected_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig) -> di
 
 def test_name_mapping_table(llama, qwen):
     cfg = ModelConfig.from_pretrained(llama)
-    f = lambda n: conv.hf_to_flax_path(n, cfg)  # noqa: E731
+    f = lambda n: conv.hf_to_flax_path(n, cfg)
     assert f("model.embed_tokens.weight") == ("embed_tokens", "embedding")
     assert f("model.norm.weight") == ("norm", "scale")
     assert f("lm_head.weight") == ("lm_head", "kernel")
@@ -292,7 +292,7 @@ def test_missing_dir_and_weights(llama, tmp):
     shutil.copy(llama / "config.json", empty / "config.json")
     with pytest.raises(FileNotFoundError, match="no weights"):
         load(empty)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load(tmp)  # a directory without config.json
 
 

@@ -234,7 +234,8 @@ def test_fully_masked_rows_give_zero_and_neg_inf(backend):
 
 def test_traced_passing_valid_under_jit_and_shard_map():
     """passing_valid computed from lax.axis_index inside shard_map (4 fake CPU devices)."""
-    from jax.sharding import Mesh, PartitionSpec as P
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
 
     n = 4
     mesh = Mesh(np.array(jax.devices()[:n]), ("sp",))
@@ -303,7 +304,7 @@ def test_block_table_agrees_with_dense_mask():
                     assert rows[:, lo:hi].all()
             assert not rows[:, ~seen].any(), "a skipped block has visible keys"
         assert m.useful_pairs(pv) == int(dense.sum())
-        ks, ke, off, (h0, h1) = m.k_ranges(pv)
+        ks, ke, _off, (h0, h1) = m.k_ranges(pv)
         keys = np.arange(m.tk)
         rebuilt = (keys[None] >= ks[:, None]) & (keys[None] < ke[:, None]) & ~((keys[None] >= h0) & (keys[None] < h1))
         np.testing.assert_array_equal(rebuilt, dense)

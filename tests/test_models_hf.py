@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests import hf_fixtures as hf
+from apb_jax.config import ModelConfig
 from apb_jax.loading import load
 from apb_jax.models.rope import inv_frequencies
-from apb_jax.config import ModelConfig
 from converters.hf_to_flax import convert
+from tests import hf_fixtures as hf
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -64,7 +64,7 @@ def flax_greedy(model, prompt: np.ndarray, max_new_tokens: int, eos: int = hf.EO
 
 
 def test_converted_logits_match_torch(case):
-    src, dst, tm = case
+    _src, dst, tm = case
     ids = hf.random_ids(0, SEQ, batch=2)
     model = load(dst)
     assert model.dtype == jnp.float32 and model.path == dst

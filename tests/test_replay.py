@@ -1,7 +1,6 @@
 """Single-host replay runs the same per-host code as the real mesh: host h's replayed prefill equals host h's shard
 of the real 4-device shard_map run (4 fake CPU devices, tiny random model, float32)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -122,7 +121,7 @@ def test_shape_stand_ins_run_every_host_and_the_query_step(model, prompt):
     dev = eng.mesh.devices.flat[0]
     tail = jnp.zeros((CFG.num_layers, 1, 16, CFG.num_kv_heads, CFG.head_dim), jnp.float32)
     step = replay_step_fn(eng, lay, h)
-    tk, tv, logits = step(on_device(eng.params, dev), k, v, tail, tail, jnp.asarray(q[None], jnp.int32), jnp.int32(0))
+    tk, _tv, logits = step(on_device(eng.params, dev), k, v, tail, tail, jnp.asarray(q[None], jnp.int32), jnp.int32(0))
     assert logits.shape == (1, CFG.vocab_size) and np.isfinite(np.asarray(logits)).all()
     assert float(jnp.abs(tk[:, :, :Q_LEN]).sum()) > 0 and float(jnp.abs(tk[:, :, Q_LEN:]).sum()) == 0
 

@@ -2,8 +2,6 @@
 (an independent parser solves every example from the document tokens), the scorer, the
 training sampler, and the shipped tokenizer files."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -233,7 +231,7 @@ def test_text_view_matches_ids():
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="depth=1.5"):
+    with pytest.raises(ValueError, match=r"depth=1\.5"):
         make("passkey", 0, 100, 1.5)
     with pytest.raises(ValueError, match="task='nope'"):
         make("nope", 0, 100)
@@ -370,5 +368,5 @@ def test_tokenizer_loads_and_round_trips():
 
 
 def test_load_tokenizer_missing_dir(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m apb_jax.tokenizer"):
+    with pytest.raises(FileNotFoundError, match=r"python -m apb_jax\.tokenizer"):
         tk.load_tokenizer(tmp_path)

@@ -129,7 +129,7 @@ def test_train_export_load_and_resume(tmp_path):
 
     cfg = tr.TrainConfig(**TINY, min_stage_steps=2, max_stage_steps=3)
     ck = tmp_path / "ckpt"
-    graphdef, params, hist = tr.train(cfg, steps=4, ckpt_dir=ck, progress=False, log_every=2)
+    graphdef, _params, hist = tr.train(cfg, steps=4, ckpt_dir=ck, progress=False, log_every=2)
     assert hist["start_step"] == 0 and hist["end_step"] == 4 and len(hist["steps"]) == 4
     assert all(np.isfinite(r["loss"]) for r in hist["steps"])
     assert hist["curriculum"] and hist["curriculum"][0]["to"] == 256
@@ -158,7 +158,7 @@ def test_train_export_load_and_resume(tmp_path):
     # a fine-tune starts from the export's weights, and a model of another shape is refused by name
     _, init = tr.init_params(cfg, out)
     np.testing.assert_array_equal(np.asarray(forward_logits(graphdef, init, ids.astype(np.int32))), direct)
-    with pytest.raises(ValueError, match="init_from=.*num_layers 2 != 3"):
+    with pytest.raises(ValueError, match=r"init_from=.*num_layers 2 != 3"):
         tr.init_params(tr.TrainConfig(**{**TINY, "layers": 3}), out)
     _, _, hist3 = tr.train(cfg, steps=2, progress=False, init_from=out)
     assert hist3["start_step"] == 0 and all(np.isfinite(r["loss"]) for r in hist3["steps"])

@@ -86,9 +86,9 @@ _CHUNK_ELEMS = 1 << 27  # float32 elements of one chunk's score block [B, H, chu
 def default_chunk(batch: int, heads: int, length: int) -> int:
     """Query rows per chunk: the largest power of two in [16, 1024] whose [batch, heads, chunk, length] float32
     block stays within 512 MiB (and no more than the sequence needs)."""
-    c = 1 << max(0, int(math.floor(math.log2(max(1, _CHUNK_ELEMS // max(1, batch * heads * length))))))
+    c = 1 << max(0, math.floor(math.log2(max(1, _CHUNK_ELEMS // max(1, batch * heads * length)))))
     c = min(max(c, 16), 1024)
-    return min(c, 1 << int(math.ceil(math.log2(max(length, 1)))))
+    return min(c, 1 << math.ceil(math.log2(max(length, 1))))
 
 
 def attention_with_importance(
@@ -391,7 +391,7 @@ def train(
 
     t_start = time.perf_counter()
     block = length // hosts
-    k = max(1, int(round(block * keep)))
+    k = max(1, round(block * keep))
     if heads is None:
         heads = init_heads(cfg, hidden=hidden, seed=seed)
     else:

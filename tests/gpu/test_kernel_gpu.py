@@ -19,9 +19,9 @@ import jax
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from test_kernel import CASES, check_case  # noqa: E402  (the shared cases)
+from test_kernel import CASES, check_case
 
-from pallas_kernels.apb_attention import _is_hopper  # noqa: E402
+from pallas_kernels.apb_attention import _is_hopper
 
 
 def _gpu():
@@ -55,9 +55,11 @@ def test_gpu_backend_under_shard_map_with_traced_passing_valid(backend):
     """As the APB strategy calls it: inside shard_map, passing_valid from lax.axis_index."""
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, PartitionSpec as P
-    from pallas_kernels import apb_attention, apb_attention_reference
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
     from test_kernel import rel_err
+
+    from pallas_kernels import apb_attention, apb_attention_reference
 
     mesh = Mesh(np.array(jax.devices("gpu")[:1]), ("sp",))
     rng = np.random.default_rng(1)
