@@ -25,7 +25,7 @@ _EXPORTS = {
 
 
 def load(path, dtype=None):
-    """Load an HF checkpoint directory or a converted one (see converters.hf_to_flax) as a `Model`; dtype None
+    """Load an HF checkpoint directory or a converted one (see `apb-jax convert`) as a `Model`; dtype None
     keeps the checkpoint's, or "float32"/"bfloat16"/a jnp dtype."""
     from apb_jax.loading import load as _load
 

@@ -12,7 +12,14 @@ import sys
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategy", default="full", choices=["full", "ring", "star", "apb"])
+    from apb_jax import strategies
+
+    p.add_argument(
+        "--strategy",
+        default=strategies.DEFAULT,
+        choices=strategies.names(),
+        help="; ".join(f"{n}: {s.summary}" for n, s in strategies.REGISTRY.items()),
+    )
     p.add_argument(
         "--devices", type=int, default=None, help="hosts on mesh axis 'sp' (default: 1 for full, all for others)"
     )
@@ -69,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     d.add_argument("--json", action="store_true")
 
-    b = sub.add_parser("bench", help="prefill benchmark (benchmarks/prefill_bench.py); remaining args pass through")
+    b = sub.add_parser(
+        "bench", add_help=False, help="prefill benchmark of every strategy (apb-jax bench --help lists its options)"
+    )
     b.add_argument("args", nargs=argparse.REMAINDER)
 
     la = sub.add_parser("launch", help="spawn N local processes (CPU, gloo) running an apb-jax command")
@@ -117,7 +126,7 @@ def _is_main() -> bool:
 
 
 def cmd_convert(args) -> int:
-    from converters.hf_to_flax import convert
+    from apb_jax.checkpoint import convert
 
     convert(args.src, args.dst, dtype=args.dtype, progress=True, overwrite=args.overwrite)
     return 0
@@ -190,12 +199,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    try:
-        from benchmarks import prefill_bench
-    except ImportError as e:
-        print(f"apb-jax bench needs the repository checkout (benchmarks/ beside apb_jax/): {e}", file=sys.stderr)
-        return 2
-    return prefill_bench.main(args.args) or 0
+    from apb_jax.bench.prefill import main as bench_main
+
+    return bench_main(args.args) or 0
 
 
 def cmd_launch(args) -> int:
@@ -211,7 +217,12 @@ def cmd_launch(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":  # every option after `bench` is the benchmark's own (argparse would eat them)
+        argv = [argv[0], *(["--"] if len(argv) > 1 and argv[1] != "--" else []), *argv[1:]]
     args = build_parser().parse_args(argv)
+    if args.command == "bench" and args.args[:1] == ["--"]:
+        args.args = args.args[1:]
     try:
         rc = {
             "convert": cmd_convert,

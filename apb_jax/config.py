@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +205,6 @@ def _rope_from_hf(d: dict[str, Any]) -> RopeConfig:
     )
 
 
-STRATEGIES = ("full", "ring", "star", "apb")
 COMPRESSORS = ("query_aware", "retaining_heads")
 
 
@@ -214,12 +212,13 @@ COMPRESSORS = ("query_aware", "retaining_heads")
 class APBConfig:
     """How a prefill is spread over hosts.
 
-    anchor_len / passing_len None pick the paper's length-scaled defaults (A = L/32, P = L/64) at prefill time,
-    clipped to what the block length allows; `q_insert` is how many leading document tokens stay before the query
-    inside the anchor (APB reference default 16).
+    strategy: a name of `apb_jax.strategies` (None: the registry's default, full attention on one device).
+    anchor_len / passing_len None pick the strategy's defaults at prefill time (APB: A = L/32, P = L/64, clipped
+    to what the block length allows; Star: A = B); `q_insert` is how many leading document tokens stay before the
+    query inside the anchor (APB reference default 16).  Settings a strategy has no use for are rejected by it.
     """
 
-    strategy: str = "full"
+    strategy: str | None = None
     devices: int = 1
     anchor_len: int | None = None
     passing_len: int | None = None
@@ -228,14 +227,15 @@ class APBConfig:
     pool_kernel: int = 5
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy={self.strategy!r} is unknown; allowed: {STRATEGIES}")
+        from apb_jax import strategies
+
+        if self.strategy is None:
+            object.__setattr__(self, "strategy", strategies.DEFAULT)
+        strategy = strategies.get(self.strategy)
         if self.compressor not in COMPRESSORS:
             raise ValueError(f"compressor={self.compressor!r} is unknown; allowed: {COMPRESSORS}")
         if self.devices < 1:
             raise ValueError(f"devices={self.devices} must be >= 1")
-        if self.strategy == "full" and self.devices != 1:
-            raise ValueError(f"strategy='full' runs on one device; got devices={self.devices}")
         if self.anchor_len is not None and self.anchor_len < 0:
             raise ValueError(f"anchor_len={self.anchor_len} must be >= 0")
         if self.passing_len is not None and self.passing_len < 0:
@@ -244,8 +244,4 @@ class APBConfig:
             raise ValueError(f"q_insert={self.q_insert} must be >= 0")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel={self.pool_kernel} must be a positive odd number")
-
-
-def default_lengths(total_len: int) -> tuple[int, int]:
-    """The APB paper's length-scaled defaults: anchor A = L/32, passing P = L/64 (rounded up)."""
-    return math.ceil(total_len / 32), math.ceil(total_len / 64)
+        strategy.check_config(self)

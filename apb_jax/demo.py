@@ -54,6 +54,7 @@ def run_demo(
 ) -> int:
     import jax
 
+    from apb_jax import strategies
     from apb_jax.engine import Engine
     from apb_jax.tasks import passkey, score
     from apb_jax.tokenizer import ids_to_text
@@ -68,7 +69,8 @@ def run_demo(
     ex = passkey(np.random.default_rng(seed), length, depth=0.5)
     n_new = len(ex.answer)
     results = {}
-    for name, engine in (("full", Engine(model, "full")), ("apb", Engine(model, "apb", devices=devices))):
+    full, apb = strategies.full.NAME, strategies.apb.NAME
+    for name, engine in ((full, Engine(model, full)), (apb, Engine(model, apb, devices=devices))):
         out = engine.generate(ex.document, ex.query, max_new_tokens=n_new)
         results[name] = {
             "answer": ids_to_text(out.tokens),
@@ -88,7 +90,7 @@ def run_demo(
         "question": ex.query_text,
         "truth": ex.answer_text,
         **results,
-        "same_answer": results["full"]["answer"] == results["apb"]["answer"],
+        "same_answer": results[full]["answer"] == results[apb]["answer"],
         "dtype": str(model.dtype),
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     }
@@ -99,9 +101,9 @@ def run_demo(
     print(f"document  : {record['document_tokens']} tokens, a passkey hidden at depth 0.5")
     print(f"question  : {record['question']}")
     print(f"truth     : {record['truth']}")
-    for name in ("full", "apb"):
+    for name in (full, apb):
         r = results[name]
-        extra = f", A={r['anchor_len']} P={r['passing_len']} B={r['block_len']}" if name == "apb" else ""
+        extra = f", A={r['anchor_len']} P={r['passing_len']} B={r['block_len']}" if name == apb else ""
         print(
             f"{name:<5} ({r['hosts']} host{'s' if r['hosts'] > 1 else ''}{extra}): {r['answer']!r} "
             f"[{'correct' if r['correct'] else 'wrong'}]  prefill {r['prefill_seconds']:.2f}s, "

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
+from apb_jax import checkpoint as conv
 from apb_jax.config import ModelConfig
 from apb_jax.model import Model, abstract_module, resolve_dtype
 
@@ -18,13 +19,12 @@ from apb_jax.model import Model, abstract_module, resolve_dtype
 def load(path, dtype=None) -> Model:
     """Load a model directory.
 
-    path: a directory written by `converters.hf_to_flax.convert` (has `params/`), or an HF checkpoint directory
-      (`config.json` + `model.safetensors` / shards with `model.safetensors.index.json` / `pytorch_model.bin`).
+    path: a directory written by `apb-jax convert` (`apb_jax.checkpoint.convert`; has `params/`), or an HF
+      checkpoint directory (`config.json` + `model.safetensors` / shards with `model.safetensors.index.json` /
+      `pytorch_model.bin`).
     dtype: None keeps the checkpoint's dtype (config `dtype`/`torch_dtype`, else float32); "float32", "bfloat16",
       "float16" or a jnp dtype casts.
     """
-    from converters import hf_to_flax as conv
-
     if path is None:
         raise ValueError("load(path): path is None")
     root = Path(path)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from apb_jax.config import ModelConfig
 from apb_jax.models.llama import LlamaForCausalLM
-from apb_jax.strategies.full import full_attention
+from apb_jax.strategies.full import causal_attention
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -82,12 +82,13 @@ class Model:
         return AutoTokenizer.from_pretrained(str(self.path))
 
 
-def forward_logits(graphdef, params, ids: jax.Array) -> jax.Array:
+def forward_logits(graphdef, params, ids: jax.Array, attention_backend: str | None = None) -> jax.Array:
     """int32 [batch, seq] -> float32 logits [batch, seq, vocab]: positions 0.., full causal attention (traceable:
-    `Model.logits` jits it, training differentiates it)."""
+    `Model.logits` jits it, training differentiates it).  `attention_backend` None lets the dispatcher choose; to
+    differentiate on a GPU pass "cudnn" (the Pallas kernels have no backward pass; the CPU default has one)."""
     module = nnx.merge(graphdef, params)
     pos = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
-    hidden, _ = module(ids, pos, full_attention, rope_seq_len=ids.shape[1])
+    hidden, _ = module(ids, pos, lambda call: causal_attention(call, attention_backend), rope_seq_len=ids.shape[1])
     return module.lm_logits(hidden)
 
 

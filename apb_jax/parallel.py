@@ -1,17 +1,14 @@
-"""Mesh, sequence split and the collectives a strategy may use.
+"""Mesh, collectives, global arrays and the per-host program runner.
 
-Everything that knows about devices lives here and in the strategies; the model does not.
-
-A prefill over H hosts works on per-host rows `[anchor (A) | local block (B)]` (A = 0 for ring/full).  The global
-token array is `[batch, H * (A + B)]`, sharded over mesh axis "sp" along the sequence: host h owns columns
-`[h * (A + B), (h + 1) * (A + B))`.  All global arrays are built from host numpy data with
-`jax.make_array_from_callback`, so the same code runs when the mesh spans several processes.
+Everything that knows about devices lives here and in the strategies; the model does not.  The per-host rows and
+their positions are the layout's (`apb_jax.layout`); here they become global arrays sharded over mesh axis "sp",
+built from host numpy data with `jax.make_array_from_callback`, so the same code runs when the mesh spans several
+processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-
-from apb_jax.config import STRATEGIES
 
 AXIS = "sp"
 
@@ -66,142 +61,6 @@ def _per_process_devices(n: int | None) -> list:
     return [d for p in sorted(by_proc) for d in by_proc[p][:per]]
 
 
-# ----------------------------------------------------------------------------------------------------- layout
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Static shape of one sequence-parallel prefill.
-
-    hosts H; doc_len L (real tokens); block B = ceil(L / H); anchor A (rows before the local block on every host;
-    host 0's anchor rows exist for uniform shapes but are masked); passing P (compressed entries each host sends);
-    q_insert: document tokens kept before the query inside the anchor (APB only).
-    """
-
-    strategy: str
-    hosts: int
-    doc_len: int
-    query_len: int
-    block: int
-    anchor: int = 0
-    passing: int = 0
-    q_insert: int = 0
-    query_in_anchor: bool = False
-
-    @property
-    def rows(self) -> int:
-        return self.anchor + self.block
-
-    @property
-    def padded_len(self) -> int:
-        return self.hosts * self.block
-
-    def eligible_count(self, host: int) -> int:
-        """How many local positions of `host` compression may select (real tokens, not the first A of the doc)."""
-        lo = host * self.block
-        hi = min((host + 1) * self.block, self.doc_len)
-        if host == 0:
-            lo = min(self.anchor, hi) if self.anchor else lo
-        return max(0, hi - lo)
-
-
-def make_layout(
-    strategy: str,
-    hosts: int,
-    doc_len: int,
-    query_len: int,
-    *,
-    anchor_len: int | None = None,
-    passing_len: int | None = None,
-    q_insert: int = 16,
-    compressor: str = "query_aware",
-) -> Layout:
-    """Validate lengths and fill in defaults (APB: A = L/32, P = L/64, clipped to valid ranges; Star: A = B)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} is unknown; allowed: {STRATEGIES}")
-    if doc_len < 1:
-        raise ValueError(f"the document must hold at least 1 token; got doc_len={doc_len}")
-    if query_len < 1:
-        raise ValueError(f"the query must hold at least 1 token; got query_len={query_len}")
-    if hosts < 1:
-        raise ValueError(f"hosts={hosts} must be >= 1")
-    if strategy == "full" and hosts != 1:
-        raise ValueError(f"strategy='full' runs on one device; got devices={hosts}")
-    block = math.ceil(doc_len / hosts)
-    where = f"(doc {doc_len} tokens over {hosts} hosts: block {block})"
-    if strategy in ("full", "ring"):
-        for name, val in (("anchor_len", anchor_len), ("passing_len", passing_len)):
-            if val:
-                raise ValueError(f"{name}={val} has no meaning for strategy={strategy!r}; leave it None or 0")
-        return Layout(strategy, hosts, doc_len, query_len, block)
-    if strategy == "star":
-        if passing_len:
-            raise ValueError(f"passing_len={passing_len}: Star Attention passes nothing; leave it None or 0")
-        a = block if anchor_len is None else anchor_len
-        if not 0 <= a <= block:
-            raise ValueError(f"anchor_len={a} must be in [0, {block}] {where}")
-        return Layout(strategy, hosts, doc_len, query_len, block, anchor=a if hosts > 1 else 0)
-    # apb
-    if hosts == 1:  # host 0 has neither anchor nor passing: plain causal attention
-        return Layout(strategy, 1, doc_len, query_len, block)
-    need = q_insert + query_len + 1  # the anchor must hold doc[:q_insert] + query + at least one more token
-    if anchor_len is None:
-        a = min(max(math.ceil(doc_len / 32), need), block)
-        if a < need:
-            raise ValueError(
-                f"the query ({query_len} tokens) plus q_insert={q_insert} does not fit an anchor of at "
-                f"most the block length {where}: need block >= {need}; use fewer devices or a "
-                f"shorter query"
-            )
-    else:
-        a = anchor_len
-        if a != 0 and not need <= a <= block:
-            raise ValueError(
-                f"anchor_len={a} must be 0 or in [{need}, {block}] (q_insert {q_insert} + query "
-                f"{query_len} tokens < anchor <= block) {where}"
-            )
-    p = min(math.ceil(doc_len / 64), block) if passing_len is None else passing_len
-    if not 0 <= p <= block:
-        raise ValueError(f"passing_len={p} must be in [0, {block}] {where}")
-    if a == 0 and p < block and p > 0 and compressor == "query_aware":
-        raise ValueError(
-            f"compressor='query_aware' scores keys by the query rows inside the anchor, so it needs "
-            f"anchor_len > 0 unless passing_len == block ({block}); got anchor_len=0, passing_len={p}"
-        )
-    return Layout(
-        strategy, hosts, doc_len, query_len, block, anchor=a, passing=p, q_insert=q_insert, query_in_anchor=a > 0
-    )
-
-
-def host_rows(layout: Layout, doc: np.ndarray, query: np.ndarray, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Per-host token ids and position ids, concatenated over hosts: both int32 [batch, H * (A + B)].
-
-    doc [batch, L], query [batch, Q].  Anchor = doc[:q_insert] ++ query ++ doc[q_insert : A - Q] for APB
-    (positions 0..A-1), doc[:A] for Star; local block h = doc[h*B : (h+1)*B] at its true positions; padding
-    (past L) takes `pad_id` and positions continuing past L (masked everywhere it could matter).
-    """
-    bsz = doc.shape[0]
-    a, b, h = layout.anchor, layout.block, layout.hosts
-    padded = np.full((bsz, layout.padded_len), pad_id, np.int32)
-    padded[:, : layout.doc_len] = doc
-    if a:
-        if layout.query_in_anchor:
-            qi = layout.q_insert
-            anchor = np.concatenate([doc[:, :qi], query, doc[:, qi : a - query.shape[1]]], axis=1)
-        else:
-            anchor = doc[:, :a]
-        assert anchor.shape[1] == a, (anchor.shape, a)
-    tokens = np.empty((bsz, h, a + b), np.int32)
-    pos = np.empty((bsz, h, a + b), np.int32)
-    for host in range(h):
-        if a:
-            tokens[:, host, :a] = anchor
-            pos[:, host, :a] = np.arange(a)
-        tokens[:, host, a:] = padded[:, host * b : (host + 1) * b]
-        pos[:, host, a:] = host * b + np.arange(b)
-    return tokens.reshape(bsz, -1), pos.reshape(bsz, -1)
-
-
 # ------------------------------------------------------------------------------------------------ collectives
 
 
@@ -224,6 +83,11 @@ class MeshCollectives:
         perm = [(i, (i + 1) % self.size) for i in range(self.size)]
         return jax.lax.ppermute(x, self.axis, perm)
 
+    def all_to_all(self, x: jax.Array, split_axis: int, concat_axis: int) -> jax.Array:
+        """Split x's `split_axis` into H parts, send part j to host j, concatenate what arrives along `concat_axis`
+        in host order: [.., n, .., m, ..] -> [.., H n, .., m / H, ..]."""
+        return jax.lax.all_to_all(x, self.axis, split_axis, concat_axis, tiled=True)
+
 
 @dataclasses.dataclass(frozen=True)
 class ReplayCollectives:
@@ -244,6 +108,10 @@ class ReplayCollectives:
 
     def ppermute_next(self, x):
         return x
+
+    def all_to_all(self, x: jax.Array, split_axis: int, concat_axis: int) -> jax.Array:
+        parts = jnp.split(x, self.size, axis=split_axis)
+        return jnp.concatenate([parts[0]] * self.size, axis=concat_axis)
 
 
 # ------------------------------------------------------------------------------------------- global arrays
@@ -286,32 +154,38 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def to_host(x: jax.Array) -> np.ndarray:
-    """Read a replicated (or single-process) global array into numpy on every process."""
+    """Read a replicated (or single-process) global array into numpy on every process (an explicit transfer)."""
     if x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(x.addressable_data(0))
+        return np.asarray(jax.device_get(x))
+    return np.asarray(jax.device_get(x.addressable_data(0)))
 
 
 def run_hosts(fn: Callable, mesh: Mesh | None, hosts: int, in_specs, out_specs, mode: str = "mesh") -> Callable:
     """Run per-host `fn` on every host: shard_map over "sp" (mode "mesh"), or jax.vmap with axis_name "sp" on one
-    device (mode "vmap": H hosts emulated; inputs/outputs carry a leading host axis instead of a sharded one)."""
+    device (mode "vmap": H hosts emulated; inputs/outputs carry a leading host axis instead of a sharded one).
+
+    in_specs / out_specs: PartitionSpecs (or tuples / lists / dicts of them).  P() means replicated: an input
+    every host gets whole, an output every host computes alike (under vmap, host 0's copy is returned)."""
     if mode == "mesh":
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     if mode != "vmap":
         raise ValueError(f"mode={mode!r} is unknown; allowed: 'mesh', 'vmap'")
-    in_axes, out_axes = _host_axes(in_specs), _host_axes(out_specs)
+    in_axes, out_host = _host_axes(in_specs), _host_axes(out_specs)
+    out_axes = jax.tree_util.tree_map(lambda a: 0 if a is None else a, out_host, is_leaf=lambda a: a is None)
     vfn = jax.vmap(fn, in_axes=in_axes, out_axes=out_axes, axis_name=AXIS, axis_size=hosts)
 
     def split(x, ax):  # global [.., H*n, ..] -> [.., H, n, ..]
         return x if ax is None else x.reshape(*x.shape[:ax], hosts, x.shape[ax] // hosts, *x.shape[ax + 1 :])
 
-    def join(x, ax):
-        return x if ax is None else x.reshape(*x.shape[:ax], x.shape[ax] * x.shape[ax + 1], *x.shape[ax + 2 :])
+    def join(x, ax):  # [.., H, n, ..] -> [.., H*n, ..]; a replicated output: host 0's
+        if ax is None:
+            return x[0]
+        return x.reshape(*x.shape[:ax], x.shape[ax] * x.shape[ax + 1], *x.shape[ax + 2 :])
 
     def wrapped(*args):
         args = jax.tree_util.tree_map(split, args, _broadcast_axes(in_axes, args), is_leaf=_is_array)
         out = vfn(*args)
-        return jax.tree_util.tree_map(join, out, _broadcast_axes(out_axes, out), is_leaf=_is_array)
+        return jax.tree_util.tree_map(join, out, _broadcast_axes(out_host, out), is_leaf=_is_array)
 
     return wrapped
 
@@ -328,6 +202,8 @@ def _broadcast_axes(axes, tree):
             return jax.tree_util.tree_map(lambda _: ax, sub, is_leaf=_is_array)
         if isinstance(ax, (list, tuple)):
             return type(ax)(rec(a, s) for a, s in zip(ax, sub))
+        if isinstance(ax, dict):
+            return {k: rec(ax[k], sub[k]) for k in sub}
         raise TypeError(ax)
 
     return rec(axes, tree)
@@ -346,4 +222,6 @@ def _host_axes(specs):
         return one(specs)
     if isinstance(specs, (list, tuple)):
         return type(specs)(_host_axes(s) for s in specs)
-    raise TypeError(f"specs must be PartitionSpecs or tuples of them; got {specs!r}")
+    if isinstance(specs, dict):
+        return {k: _host_axes(v) for k, v in specs.items()}
+    raise TypeError(f"specs must be PartitionSpecs or tuples / lists / dicts of them; got {specs!r}")

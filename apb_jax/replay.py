@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from apb_jax.parallel import AXIS, Layout, MeshCollectives, ReplayCollectives, global_array, host_rows, run_hosts
+from apb_jax import strategies
+from apb_jax.layout import Layout, host_rows
+from apb_jax.parallel import AXIS, MeshCollectives, ReplayCollectives, global_array, run_hosts
 
 __all__ = [
     "RecordingCollectives",
@@ -41,13 +43,12 @@ __all__ = [
 
 
 def busiest_host(layout: Layout) -> int:
-    """The host with the most work: the last one for APB (longest passing block), Star (every host > 0 is alike) and
-    ring (host H-1 attends to all H blocks; host 0 to its diagonal only).  It also holds the query's tail."""
-    return layout.hosts - 1
+    """The host with the most prefill work, as the layout's strategy says (`Strategy.busiest_host`)."""
+    return strategies.get(layout.strategy).busiest_host(layout)
 
 
 def host_inputs(layout: Layout, doc: np.ndarray, query: np.ndarray, host: int, pad_id: int = 0):
-    """Token and position ids of `host` alone: both int32 [batch, A + B] (its slice of `parallel.host_rows`)."""
+    """Token and position ids of `host` alone: both int32 [batch, A + B] (its slice of `layout.host_rows`)."""
     if not 0 <= host < layout.hosts:
         raise ValueError(f"host={host} must be in [0, {layout.hosts}) for a {layout.hosts}-host layout")
     doc, query = np.atleast_2d(np.asarray(doc, np.int32)), np.atleast_2d(np.asarray(query, np.int32))
@@ -114,6 +115,11 @@ class RecordingCollectives:
     def ppermute_next(self, x):
         return self.inner.ppermute_next(x)
 
+    def all_to_all(self, x, split_axis: int, concat_axis: int):
+        out = self.inner.all_to_all(x, split_axis, concat_axis)
+        self.records.append(out)
+        return out
+
 
 class ScriptedCollectives:
     """Stand-ins that return, in call order, the results a real run's collectives gave host `host`.
@@ -150,6 +156,15 @@ class ScriptedCollectives:
         rec = self._next(x)
         return jax.tree_util.tree_map(lambda r, xi: jnp.asarray(r).astype(xi.dtype), rec, x)
 
+    def all_to_all(self, x, split_axis: int, concat_axis: int):
+        rec = jnp.asarray(self._next(x))
+        want = list(x.shape)
+        want[split_axis] //= self.size
+        want[concat_axis] *= self.size
+        if rec.shape != tuple(want):
+            raise ValueError(f"recorded all_to_all result has shape {rec.shape}; this call needs {tuple(want)}")
+        return rec.astype(x.dtype)
+
 
 def record_prefill(engine, doc_ids, query_ids):
     """The real mesh prefill of `engine` (mode "mesh" or "vmap"), recording every collective's result per host.
@@ -157,7 +172,8 @@ def record_prefill(engine, doc_ids, query_ids):
     Returns (k, v, records): k, v [layers, b, H*B, KVH, D] as in the engine's cache (numpy) and records[h] =
     the list of results host h's collectives returned, in call order (numpy), ready for `ScriptedCollectives`.
     """
-    from apb_jax.engine import CACHE, REPL, SEQ, to_host_sharded
+    from apb_jax.engine import to_host_sharded
+    from apb_jax.programs import CACHE, REPL, SEQ
 
     doc, query = np.atleast_2d(np.asarray(doc_ids, np.int32)), np.atleast_2d(np.asarray(query_ids, np.int32))
     lay = engine.layout(doc.shape[1], query.shape[1])

@@ -33,9 +33,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for p in (str(ROOT), str(HERE)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 K = 1024
 TASKS = ("passkey", "multikey_niah", "variable_tracking")
@@ -447,7 +444,7 @@ def targets(cells: list[dict], dis: list[dict]) -> dict:
 
 
 def print_table(doc: dict) -> None:
-    from common import format_table
+    from apb_jax.bench.common import format_table
 
     cells = doc["cells"]
     labels = []
@@ -585,7 +582,7 @@ def plot(doc: dict, path) -> None:
 
 
 def finish(doc: dict, out_path: Path, no_plot: bool) -> None:
-    import common
+    from apb_jax.bench import common
 
     doc["disagreements"] = disagreements(doc["cells"])
     doc["targets"] = targets(doc["cells"], doc["disagreements"])
@@ -614,8 +611,7 @@ def main(argv=None) -> int:
 
     if args.precision == "highest":
         jax.config.update("jax_default_matmul_precision", "highest")
-    import common
-
+    from apb_jax.bench import common
     from apb_jax.tasks import make_examples
 
     try:
@@ -744,7 +740,7 @@ def main(argv=None) -> int:
 
 def merge(args) -> int:
     """--from-json: one table / JSON / plot from several runs (later files fill what earlier ones lack)."""
-    import common
+    from apb_jax.bench import common
 
     paths, docs = common.read_jsons(args.from_json)
     merged: dict = {}
@@ -795,7 +791,7 @@ def merge(args) -> int:
 
 def check_smoke(path) -> int:
     """The smoke's own check: no cell failed or ran out of time, ring's answers equal full's."""
-    import common
+    from apb_jax.bench import common
 
     d = json.loads(Path(path).read_text())
     problems = []

@@ -4,28 +4,33 @@
   "mosaic"    Pallas Mosaic-GPU kernel for Hopper (TMA, wgmma, warp specialisation)
   "triton"    the portable Pallas kernel lowered through Pallas-Triton (any CUDA GPU)
   "interpret" the same portable kernel with interpret=True (CPU; slow, for tests)
-  "xla"       plain XLA ops, blocked flash-style (pallas_kernels.xla_blocked): the CPU default
+  "xla"       plain XLA ops, blocked flash-style (pallas_kernels.xla_blocked): the CPU default, and on a GPU the
+              choice for a handful of rows (decode), where a kernel's query tile would be nearly empty
+  "cudnn"     cuDNN flash attention (jax.nn.dot_product_attention) for plain causal / full masks without LSE
   "reference" plain jnp (pallas_kernels.reference), dense, float32, cast to q.dtype: the oracle
-The mask is described in `pallas_kernels.mask`.
+The mask is described in `pallas_kernels.mask`.  With backend=None the dispatcher picks the fastest backend that
+can serve the call on the current device (`choose_backend`) and logs each distinct choice once; a backend asked
+for by name that cannot serve the call raises a ValueError saying why.  The "xla" and "cudnn" paths can be
+differentiated ("xla" through the reference's gradient); the Pallas kernels are forward-only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.reference import apb_attention_reference
 
-BACKENDS = ("mosaic", "triton", "interpret", "xla", "reference")
-# The Mosaic kernel's kv_valid path passed every GPU case (H200, NOTES.md run 3), so calls
-# with kv_valid stay on Mosaic; APB_MOSAIC_KV_VALID=0 sends them to Triton instead.
-MOSAIC_KV_VALID = os.environ.get("APB_MOSAIC_KV_VALID", "1") == "1"
+BACKENDS = ("mosaic", "triton", "interpret", "xla", "cudnn", "reference")
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _KERNEL_HEAD_DIMS = {"mosaic": (64, 128), "triton": (32, 64, 128, 256), "interpret": (32, 64, 128, 256)}
+SMALL_TQ = 64  # fewer query rows than this run on the "xla" backend on a GPU (decode steps)
+log = logging.getLogger("pallas_kernels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +43,7 @@ class BlockSizes:
     num_stages: int | None = None
 
     @classmethod
-    def get_default(cls, backend: str, head_dim: int = 128) -> BlockSizes:
+    def get_default(cls, backend: str, head_dim: int = 128, tq: int | None = None) -> BlockSizes:
         if backend == "mosaic":
             return cls(block_q=64, block_k=128, num_stages=2)
         if backend == "triton":
@@ -48,8 +53,8 @@ class BlockSizes:
                 num_warps=8 if head_dim > 64 else 4,
                 num_stages=3 if head_dim <= 128 else 2,
             )
-        if backend == "xla":
-            return cls(block_q=512, block_k=512)
+        if backend == "xla":  # a few rows (decode): long key blocks, few loop steps
+            return cls(block_q=512, block_k=4096 if tq is not None and tq < SMALL_TQ else 512)
         return cls(block_q=32, block_k=32)
 
 
@@ -59,7 +64,7 @@ def _is_hopper(dev) -> bool:
 
 
 def default_backend(dtype=None, head_dim: int | None = None) -> str:
-    """Fastest backend for the default device (and, if given, this dtype and head_dim)."""
+    """Fastest kernel backend for the default device (and, if given, this dtype and head_dim)."""
     dev = jax.devices()[0]
     if dev.platform != "gpu":
         return "xla"
@@ -69,9 +74,76 @@ def default_backend(dtype=None, head_dim: int | None = None) -> str:
     return "mosaic" if _is_hopper(dev) and mosaic_ok else "triton"
 
 
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """The static facts of one call that decide which backends can serve it."""
+
+    platform: str
+    hopper: bool
+    dtype: jnp.dtype
+    head_dim: int
+    tq: int
+    pk: int
+    anchor_len: int
+    has_kv_valid: bool
+    need_lse: bool
+
+
+def cannot_serve(backend: str, c: Call) -> str | None:
+    """Why `backend` cannot serve call `c` (None: it can)."""
+    half = c.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if backend in ("mosaic", "triton", "cudnn") and c.platform != "gpu":
+        return f"it needs a CUDA GPU (this device is {c.platform})"
+    if backend == "mosaic":
+        if not c.hopper:
+            return "it needs a Hopper GPU (compute capability 9.x)"
+        if not half:
+            return f"dtype {c.dtype} is not supported (bfloat16, float16); use backend='triton'"
+        if c.head_dim not in _KERNEL_HEAD_DIMS["mosaic"]:
+            return f"head_dim D={c.head_dim} is not supported; supported: {_KERNEL_HEAD_DIMS['mosaic']}"
+        if c.head_dim != 128 and c.anchor_len > 0 and c.pk > 0:
+            return (
+                f"head_dim {c.head_dim} with both an anchor and a passing block gives NaN on this kernel "
+                "(an open bug); use backend='triton'"
+            )
+    if backend in ("triton", "interpret") and c.head_dim not in _KERNEL_HEAD_DIMS[backend]:
+        return f"head_dim D={c.head_dim} is not supported; supported: {_KERNEL_HEAD_DIMS[backend]}"
+    if backend == "cudnn":
+        if not half:
+            return f"dtype {c.dtype} is not supported by cuDNN flash attention (bfloat16, float16)"
+        if c.pk or c.anchor_len or c.has_kv_valid:
+            return "it serves plain causal or full masks only (no passing block, anchor or kv_valid)"
+        if c.need_lse:
+            return "it does not return the log-sum-exp (pass return_lse=False)"
+        if c.head_dim % 8 or c.head_dim > 128:
+            return f"head_dim D={c.head_dim} is not supported (a multiple of 8, at most 128)"
+    return None
+
+
+def choose_backend(c: Call) -> tuple[str, str]:
+    """(backend, why) for a call with no backend named: the fastest that can serve it on this device."""
+    if c.platform != "gpu":
+        return "xla", f"the blocked XLA path is the fastest off a GPU ({c.platform})"
+    if c.tq < SMALL_TQ:
+        return "xla", f"{c.tq} query rows: a kernel's {SMALL_TQ}-row tile would be nearly empty"
+    if cannot_serve("cudnn", c) is None:
+        return "cudnn", "plain causal attention without LSE: cuDNN flash attention (differentiable)"
+    if c.hopper:
+        why = cannot_serve("mosaic", c)
+        if why is None:
+            return "mosaic", "Hopper, bf16/f16: the Mosaic-GPU kernel"
+        return "triton", f"not the Mosaic kernel because {why}"
+    return "triton", "a non-Hopper GPU: the Pallas-Triton kernel"
+
+
+@functools.cache
+def _log_choice(backend: str, why: str) -> None:
+    log.info("apb_attention backend=auto -> %r: %s", backend, why)
+
+
 def _validate(q, k, v, anchor_len, passing_valid, kv_valid, backend, block_sizes):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS} (or None for auto)")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS} (or None / 'auto' to let the dispatcher pick)")
     if q.ndim not in (3, 4):
         raise ValueError(f"q must be [Tq, H, D] or [batch, Tq, H, D], got shape {q.shape}")
     if k.ndim != q.ndim or v.ndim != q.ndim:
@@ -118,12 +190,6 @@ def _validate(q, k, v, anchor_len, passing_valid, kv_valid, backend, block_sizes
             raise ValueError(f"kv_valid must have shape {want} (one flag per key), got {kvv.shape}")
         if kvv.dtype != jnp.bool_:
             raise ValueError(f"kv_valid must be bool, got {kvv.dtype}")
-    if backend == "mosaic" and jnp.dtype(q.dtype) == jnp.dtype(jnp.float32):
-        raise ValueError("dtype float32 is not supported by backend 'mosaic' (bfloat16, float16); use backend='triton'")
-    if backend in _KERNEL_HEAD_DIMS and d not in _KERNEL_HEAD_DIMS[backend]:
-        raise ValueError(
-            f"head_dim D={d} is not supported by backend {backend!r}; supported: {_KERNEL_HEAD_DIMS[backend]}"
-        )
     if block_sizes is not None and backend in ("triton", "interpret"):
         for name in ("block_q", "block_k"):
             x = getattr(block_sizes, name)
@@ -150,6 +216,7 @@ def apb_attention(
     sm_scale: float | None = None,
     backend: str | None = None,
     block_sizes=None,
+    return_lse: bool = True,
 ):
     """APB attention: anchor rows causal on the anchor; local rows on passing + anchor + local.
 
@@ -163,74 +230,62 @@ def apb_attention(
       lets local rows see the whole local block. Anchor rows are always causal on the anchor and
       never see passing keys.
     GQA: H % KVH == 0, query head j uses kv head j // (H // KVH); K/V are never repeated.
-    Returns out [.., Tq, H, D] in q.dtype and lse [.., H, Tq] float32 (natural log); a row with
-    no visible key gives out 0 and lse -inf.
-    backend: None = auto (mosaic on Hopper, triton on other GPUs, xla elsewhere), or
-      "mosaic" | "triton" | "interpret" | "xla" | "reference". block_sizes: a `BlockSizes` or None.
+    Returns out [.., Tq, H, D] in q.dtype and lse [.., H, Tq] float32 (natural log; None when return_lse is
+    False); a row with no visible key gives out 0 and lse -inf.
+    backend: None or "auto" = the fastest that can serve the call here (`choose_backend`, logged once per
+      choice), or one of BACKENDS (a ValueError says why when it cannot serve the call).
+    block_sizes: a `BlockSizes` or None.
     """
-    if backend is None:
-        backend = default_backend(getattr(q, "dtype", None), q.shape[-1] if hasattr(q, "shape") else None)
+    if backend == "auto":
+        backend = None
     _validate(q, k, v, anchor_len, passing_valid, kv_valid, backend, block_sizes)
     d = q.shape[-1]
+    dev = jax.devices()[0]
+    call = Call(
+        platform=dev.platform,
+        hopper=_is_hopper(dev),
+        dtype=jnp.dtype(q.dtype),
+        head_dim=d,
+        tq=q.shape[-3],
+        pk=k.shape[-3] - q.shape[-3],
+        anchor_len=anchor_len,
+        has_kv_valid=kv_valid is not None,
+        need_lse=return_lse,
+    )
+    if backend is None:
+        backend, why = choose_backend(call)
+        _log_choice(backend, why)
+    else:
+        why = cannot_serve(backend, call)
+        if why is not None:
+            raise ValueError(f"backend={backend!r} cannot serve this call: {why}")
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
-    if backend == "reference":
-        out, lse = apb_attention_reference(
-            q,
-            k,
-            v,
-            anchor_len=anchor_len,
-            passing_valid=passing_valid,
-            kv_valid=kv_valid,
-            causal=causal,
-            sm_scale=scale,
-        )
-        return out.astype(q.dtype), lse
-    if backend == "xla":
-        from pallas_kernels.xla_blocked import apb_attention_xla
-
-        bs = block_sizes or BlockSizes.get_default(backend, d)
-        batched = q.ndim == 4
-        qb, kb, vb = (q, k, v) if batched else (q[None], k[None], v[None])
-        kvv = None if kv_valid is None else jnp.broadcast_to(jnp.asarray(kv_valid), (qb.shape[0], kb.shape[1]))
-        pv = kb.shape[1] - qb.shape[1] if passing_valid is None else passing_valid
-        out, lse = apb_attention_xla(
-            qb,
-            kb,
-            vb,
-            jnp.asarray(pv, jnp.int32),
-            kvv,
-            anchor_len=anchor_len,
-            causal=causal,
-            sm_scale=scale,
-            block_q=bs.block_q,
-            block_k=bs.block_k,
-        )
-        return (out, lse) if batched else (out[0], lse[0])
-
     unbatched = q.ndim == 3
     if unbatched:
         q, k, v = q[None], k[None], v[None]
     pk = k.shape[1] - q.shape[1]
-    pv = pk if passing_valid is None else passing_valid
-    kvv = None
-    if kv_valid is not None:
-        kvv = jnp.asarray(kv_valid)
-        kvv = jnp.broadcast_to(kvv, (q.shape[0], k.shape[1]))
-    # Calls the Mosaic kernel must not take go to Triton: kv_valid when MOSAIC_KV_VALID is off, and
-    # d=64 with both an anchor and a passing block (NaN on the H200, NOTES.md runs 3-4; Triton
-    # passed the same cases).
-    if backend == "mosaic" and ((kvv is not None and not MOSAIC_KV_VALID) or (d != 128 and anchor_len > 0 and pk > 0)):
-        backend = "triton"
-        block_sizes = None
-    bs = block_sizes or BlockSizes.get_default(backend, d)
-    if backend == "mosaic":
+    pv = jnp.asarray(pk if passing_valid is None else passing_valid, jnp.int32)
+    kvv = None if kv_valid is None else jnp.broadcast_to(jnp.asarray(kv_valid), (q.shape[0], k.shape[1]))
+    if backend == "cudnn":
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=scale, implementation="cudnn")
+        lse = None
+    elif backend == "reference":
+        out, lse = apb_attention_reference(
+            q, k, v, anchor_len=anchor_len, passing_valid=pv, kv_valid=kvv, causal=causal, sm_scale=scale
+        )
+        out = out.astype(q.dtype)
+    elif backend == "xla":
+        bs = block_sizes or BlockSizes.get_default(backend, d, q.shape[1])
+        out, lse = _xla(q, k, v, pv, kvv, anchor_len, causal, scale, bs.block_q, bs.block_k)
+    elif backend == "mosaic":
         from pallas_kernels import mosaic_gpu  # lazy: never needed (or importable) on CPU
 
+        bs = block_sizes or BlockSizes.get_default(backend, d)
         out, lse = mosaic_gpu.apb_attention_mosaic(
             q,
             k,
             v,
-            jnp.asarray(pv, jnp.int32),
+            pv,
             kvv,
             anchor_len=anchor_len,
             causal=causal,
@@ -242,11 +297,12 @@ def apb_attention(
     else:
         from pallas_kernels.portable import apb_attention_portable
 
+        bs = block_sizes or BlockSizes.get_default(backend, d)
         out, lse = apb_attention_portable(
             q,
             k,
             v,
-            jnp.asarray(pv, jnp.int32),
+            pv,
             kvv,
             anchor_len=anchor_len,
             causal=causal,
@@ -257,6 +313,40 @@ def apb_attention(
             num_warps=bs.num_warps,
             num_stages=bs.num_stages,
         )
+    if not return_lse:
+        lse = None
     if unbatched:
-        return out[0], lse[0]
+        return out[0], (None if lse is None else lse[0])
     return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _xla(q, k, v, pv, kvv, anchor_len, causal, scale, block_q, block_k):
+    """The blocked XLA forward; its gradient is the dense reference's (the blocked loops have traced trip counts,
+    which reverse-mode AD cannot go through)."""
+    from pallas_kernels.xla_blocked import apb_attention_xla
+
+    return apb_attention_xla(
+        q, k, v, pv, kvv, anchor_len=anchor_len, causal=causal, sm_scale=scale, block_q=block_q, block_k=block_k
+    )
+
+
+def _xla_fwd(q, k, v, pv, kvv, anchor_len, causal, scale, block_q, block_k):
+    return _xla(q, k, v, pv, kvv, anchor_len, causal, scale, block_q, block_k), (q, k, v, pv, kvv)
+
+
+def _xla_bwd(anchor_len, causal, scale, block_q, block_k, res, g):
+    q, k, v, pv, kvv = res
+
+    def ref(q, k, v):
+        out, lse = apb_attention_reference(
+            q, k, v, anchor_len=anchor_len, passing_valid=pv, kv_valid=kvv, causal=causal, sm_scale=scale
+        )
+        return out.astype(q.dtype), lse
+
+    _, vjp = jax.vjp(ref, q, k, v)
+    dq, dk, dv = vjp(g)
+    return dq, dk, dv, None, None
+
+
+_xla.defvjp(_xla_fwd, _xla_bwd)

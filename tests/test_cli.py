@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apb_jax import strategies
 from apb_jax.cli import main
 from tests.hf_fixtures import VOCAB, make_tiny_llama
 
@@ -119,3 +120,13 @@ def test_demo_runs_as_a_fresh_process():
     assert rec["truth"].endswith("</s>") and rec["full"]["answer"] and rec["apb"]["answer"]
     assert rec["full"]["correct"] and rec["apb"]["correct"], rec
     assert rec["wall_seconds"] > 0 and "retriever" in rec["model"]
+
+
+@pytest.mark.parametrize("strategy", [n for n, s in strategies.REGISTRY.items() if s.exact and not s.single_device])
+def test_every_exact_strategy_through_the_cli(converted, capsys, strategy):
+    """`--strategy S --devices 4` on a 90-token context (block 23: no split is even) answers as full does."""
+    model_dir, ctx = converted
+    full = _generate(capsys, model_dir, ctx)
+    got = _generate(capsys, model_dir, ctx, "--strategy", strategy, "--devices", "4")
+    assert got["strategy"] == strategy and got["hosts"] == 4
+    assert got["tokens"] == full["tokens"]

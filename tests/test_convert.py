@@ -1,4 +1,5 @@
-"""converters.hf_to_flax and apb_jax.loading: name mapping, validation, orbax round-trips, bad checkpoints."""
+"""apb_jax.checkpoint (what converters.hf_to_flax and `apb-jax convert` run) and apb_jax.loading: name mapping,
+validation, orbax round-trips, bad checkpoints."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+from apb_jax import checkpoint as conv
 from apb_jax.config import ModelConfig
 from apb_jax.loading import load
-from converters import hf_to_flax as conv
 from tests import hf_fixtures as hf
 
 pytest.importorskip("torch")

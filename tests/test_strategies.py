@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from apb_jax import Engine, Model, ModelConfig
+from apb_jax import Engine, Model, ModelConfig, strategies
 from apb_jax.compression import RetainingHeads, max_pool, retaining_head_scores, select_top
 from apb_jax.models.llama import AttnCall
-from apb_jax.parallel import make_layout
+from apb_jax.strategies import make_layout
 from apb_jax.strategies.apb import eligible_local
-from apb_jax.strategies.base import HostCtx, merge_all, partial_attention
+from apb_jax.strategies.base import HostCtx, attend_all, merge_all
 from converters.retaining_heads import random_retaining_heads
 
 CFG = ModelConfig(
@@ -50,6 +50,33 @@ def reference(model, prompt):
 
 def rel_err(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+EXACT = [n for n, s in strategies.REGISTRY.items() if s.exact and not s.single_device]
+
+
+@pytest.mark.parametrize("mode", ["mesh", "vmap"])
+@pytest.mark.parametrize("strategy", EXACT)
+def test_every_exact_strategy_equals_full(model, prompt, reference, strategy, mode):
+    """Every strategy the registry marks exact gives full attention's logits and greedy tokens on 4 hosts, with a
+    document length (61) no host count divides."""
+    doc, q = prompt
+    eng = Engine(model, strategy, devices=4, mode=mode)
+    pre = eng.prefill(doc, q, doc_logits=True)
+    np.testing.assert_allclose(pre.doc_logits, reference[0], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(pre.logits, reference[1], atol=2e-5, rtol=1e-5)
+    out = eng.generate(doc, q, max_new_tokens=6)
+    assert out.tokens == _full_tokens(model, prompt)
+    np.testing.assert_allclose(out.first_logits[0], reference[1][0], atol=2e-5, rtol=1e-5)
+
+
+_FULL_TOKENS = {}
+
+
+def _full_tokens(model, prompt):
+    if "t" not in _FULL_TOKENS:
+        _FULL_TOKENS["t"] = Engine(model, "full").generate(*prompt, max_new_tokens=6).tokens
+    return _FULL_TOKENS["t"]
 
 
 @pytest.mark.parametrize("hosts", [1, 2, 4])
@@ -228,33 +255,41 @@ def test_decode_step_logits_match_on_shared_cache(model, prompt):
     e4, e1 = Engine(model, "ring", devices=4), Engine(model, "full")
     p4, p1 = e4.prefill(doc, q, extra_tail=4), e1.prefill(doc, q, extra_tail=4)
     tok = np.argmax(p1.logits, -1)[:, None].astype(np.int32)
+    c4, c1 = p4.cache, p1.cache
     for _ in range(2):
-        l4, _, _ = e4._step(p4.cache, tok)
-        l1, _, _ = e1._step(p1.cache, tok)
+        c4, l4 = e4.step(c4, tok)
+        c1, l1 = e1.step(c1, tok)
         np.testing.assert_allclose(l4, l1, atol=2e-5, rtol=1e-5)
         tok = np.argmax(l1, -1)[:, None].astype(np.int32)
+    assert c4.used == c1.used == Q_LEN + 2 and p4.cache.used == Q_LEN  # the old cache is unchanged
 
 
 def test_merge_all_equals_attention_over_concatenated_keys():
+    """Partials over disjoint key sets (through the dispatcher, as the decode rule computes them) merged by LSE equal
+    one softmax over every visible key."""
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(1, 3, 4, 8)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(1, 40, 2, 8)), jnp.float32)
     v = jnp.asarray(rng.normal(size=(1, 40, 2, 8)), jnp.float32)
-    kpos = jnp.arange(40, dtype=jnp.int32).at[5].set(-1)
-    qpos = jnp.asarray([39, 20, 3], jnp.int32)
-    o, lse = partial_attention(q, k, v, qpos, kpos, chunk=7)
-    parts = [partial_attention(q, k[:, i : i + 10], v[:, i : i + 10], qpos, kpos[i : i + 10]) for i in range(0, 40, 10)]
+    valid = jnp.ones((1, 40), bool).at[0, 5].set(False).at[0, 30:40].set(False)  # a masked key, an empty part
+    o, lse = attend_all(q, k, v, valid)
+    parts = [attend_all(q, k[:, i : i + 10], v[:, i : i + 10], valid[:, i : i + 10]) for i in range(0, 40, 10)]
     om, lm = merge_all(jnp.stack([p[0] for p in parts]), jnp.stack([p[1] for p in parts]))
     np.testing.assert_allclose(om, o, atol=1e-6)
     np.testing.assert_allclose(lm, lse, atol=1e-6)
+    assert np.isneginf(np.asarray(parts[3][1])).all() and not np.asarray(parts[3][0]).any()
     # against a dense softmax
     kk = jnp.repeat(k, 2, axis=2)
     s = jnp.einsum("bqhd,bkhd->bhqk", q, kk) / math.sqrt(8)
-    vis = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
-    s = jnp.where(vis[None, None], s, -jnp.inf)
+    s = jnp.where(valid[:, None, None], s, -jnp.inf)
     ref = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), jnp.repeat(v, 2, axis=2))
     np.testing.assert_allclose(o, ref, atol=1e-5)
     assert not np.isnan(np.asarray(o)).any()
+    # fewer keys than rows: the call is still well formed
+    o2, _ = attend_all(q, k[:, :2], v[:, :2], valid[:, :2])
+    s2 = jnp.einsum("bqhd,bkhd->bhqk", q, kk[:, :2]) / math.sqrt(8)
+    ref2 = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s2, -1), jnp.repeat(v[:, :2], 2, axis=2))
+    np.testing.assert_allclose(o2, ref2, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ compressors
@@ -303,7 +338,7 @@ def test_retaining_head_scores_by_hand():
 def test_retaining_heads_released_key_names(tmp_path):
     import torch
 
-    from converters.retaining_heads import load_retaining_heads
+    from apb_jax.retaining_heads import load_retaining_heads
 
     d_in = (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim
     sd = {}
@@ -327,7 +362,7 @@ def test_retaining_heads_released_key_names(tmp_path):
 
 
 def test_engine_loads_retaining_heads_from_safetensors(model, prompt, tmp_path):
-    from converters.retaining_heads import save_retaining_heads
+    from apb_jax.retaining_heads import save_retaining_heads
 
     heads = random_retaining_heads(CFG, hidden=32, seed=9)
     path = save_retaining_heads(heads, tmp_path / "heads.safetensors")

@@ -13,10 +13,11 @@ from apb_jax import Engine
 from apb_jax.config import ModelConfig, RopeConfig
 from apb_jax.model import Model
 from apb_jax.models.llama import AttnCall
-from apb_jax.strategies.full import causal_attention, full_attention
+from apb_jax.strategies.full import causal_attention
 from apb_jax.tasks import passkey, sample_batch
 from apb_jax.tokenizer import VOCAB, token_id
 from converters.retaining_heads import load_retaining_heads
+from pallas_kernels import apb_attention_reference
 from training import train_retaining_heads as trh
 
 CFG = ModelConfig(
@@ -79,7 +80,7 @@ def test_attention_with_importance_equals_dense(chunk):
     v = jnp.asarray(rng.normal(0, 1, (b, t, kvh, d)), jnp.float32)
     rows = rng.random((b, t)) < 0.4
     out, imp = trh.attention_with_importance(q, k, v, chunk=chunk)
-    np.testing.assert_allclose(out, causal_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out, apb_attention_reference(q, k, v, anchor_len=0)[0], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(imp, dense_log_importance(q, k), atol=1e-4, rtol=1e-5)
     _, imp_rows = trh.attention_with_importance(q, k, v, chunk=chunk, row_mask=jnp.asarray(rows))
     want = dense_log_importance(q, k, rows)
@@ -98,7 +99,7 @@ def test_features_match_dense_on_model(model, rows):
 
     def record(call: AttnCall):
         seen.append((call.q, call.k, call.q_raw, call.k_raw, call.v))
-        return full_attention(call)
+        return causal_attention(call)
 
     pos = jnp.broadcast_to(jnp.arange(150, dtype=jnp.int32), tokens.shape)
     model.module()(jnp.asarray(tokens), pos, record, rope_seq_len=150)

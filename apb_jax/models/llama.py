@@ -130,25 +130,38 @@ class LlamaForCausalLM(nnx.Module):
         cfg = self.config
         inv_freq = jnp.asarray(inv_frequencies(cfg.rope, cfg.head_dim, rope_seq_len))
         b, t = tokens.shape
-        x = self.embed_tokens(tokens).astype(self.dtype)
+        with jax.named_scope("embed"):
+            x = self.embed_tokens(tokens).astype(self.dtype)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q_raw = attn.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
-            k_raw = attn.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-            v = attn.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-            q = apply_rope(q_raw, positions, inv_freq)
-            k = apply_rope(k_raw, positions, inv_freq)
-            o = attention(AttnCall(layer=i, q=q, k=k, v=v, q_raw=q_raw, k_raw=k_raw))
-            x = x + attn.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(self.dtype))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            with jax.named_scope("norm"):
+                h = layer.input_layernorm(x)
+            with jax.named_scope("qkv_proj"):
+                q_raw = attn.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
+                k_raw = attn.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+                v = attn.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+            with jax.named_scope("rope"):
+                q = apply_rope(q_raw, positions, inv_freq)
+                k = apply_rope(k_raw, positions, inv_freq)
+            with jax.named_scope("attention"):
+                o = attention(AttnCall(layer=i, q=q, k=k, v=v, q_raw=q_raw, k_raw=k_raw))
+            with jax.named_scope("o_proj"):
+                x = x + attn.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(self.dtype))
+            with jax.named_scope("norm"):
+                h = layer.post_attention_layernorm(x)
+            with jax.named_scope("mlp"):
+                x = x + layer.mlp(h)
             ks.append(k)
             vs.append(v)
         return self.norm(x), (jnp.stack(ks), jnp.stack(vs))
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., hidden_size] -> float32 logits [..., vocab]."""
+        with jax.named_scope("lm_head"):
+            return self._lm_logits(hidden)
+
+    def _lm_logits(self, hidden: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:
             w = self.embed_tokens.embedding[...].astype(self.dtype)
             return jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)

@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks: timing, device facts, program memory, JSON, the communication model, plots.
 
-Import jax lazily (inside functions): `prefill_bench.py --smoke` must set XLA_FLAGS before jax is imported.
+Import jax lazily (inside functions): `apb-jax bench --smoke` must set XLA_FLAGS before jax is imported.
 """
 
 from __future__ import annotations
@@ -105,6 +105,17 @@ def read_jsons(spec: str) -> tuple[list[Path], list[dict]]:
     return paths, [json.loads(p.read_text()) for p in paths]
 
 
+def output_path(out: str | None, out_dir: str | None, default_name: str, default_dir: str = "bench_results") -> Path:
+    """Where a benchmark writes its JSON: `out` (a file path, or an existing directory / a path ending in '/' that
+    gets `default_name`), else `out_dir/default_name` (out_dir defaults to ./bench_results)."""
+    if out:
+        p = Path(out)
+        if p.is_dir() or str(out).endswith(("/", os.sep)):
+            return p / default_name
+        return p
+    return Path(out_dir or default_dir) / default_name
+
+
 def write_json(path: str | os.PathLike, doc: Any) -> None:
     """Write atomically (a killed run leaves the previous complete file)."""
     path = Path(path)
@@ -161,6 +172,12 @@ class BandwidthModel:
 
     def ppermute_s(self, nbytes: float) -> float:
         return 0.0 if nbytes <= 0 else nbytes / self.bandwidth(nbytes, "ppermute")
+
+    def all_to_all_s(self, nbytes: float, hosts: int) -> float:
+        """all_to_all of `nbytes` per GPU: (H-1)/H of it leaves, in pieces of nbytes/H (all_gather rates)."""
+        if hosts <= 1 or nbytes <= 0:
+            return 0.0
+        return (hosts - 1) / hosts * nbytes / self.bandwidth(nbytes / hosts, "all_gather")
 
     def describe(self) -> dict:
         return {
