@@ -7,10 +7,10 @@ strategy.  To add one, write its file (see `base.Strategy` for what it must know
 
 from __future__ import annotations
 
-from apb_jax.strategies import apb, full, ring, star, ulysses
+from apb_jax.strategies import apb, full, ring, star, ulysses, zigzag
 from apb_jax.strategies.base import Strategy
 
-REGISTRY: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (full, ring, star, apb, ulysses)}
+REGISTRY: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (full, ring, star, apb, ulysses, zigzag)}
 DEFAULT = full.NAME  # what Engine and the CLI run when no strategy is named
 
 
