@@ -7,7 +7,9 @@ timeline) and reads the trace JSON that jaxlib itself writes (`perfetto_trace.js
 Which trace events count as device work:
 - GPU: the kernel / memcpy events on the "Stream #N(...)" lines of the "/device:GPU:k" process.  XLA annotates each
   launch, so an event's args hold `hlo_op` (the HLO instruction, e.g. "loop_multiply_fusion.3") and `hlo_module`.
-  While a trace is active XLA runs command buffers (CUDA graphs) op by op, so launch gaps can grow a little.
+  Kernels launched inside a CUDA graph (an XLA command buffer) may carry the command buffer's annotation or none:
+  they are matched by kernel name (XLA names a fusion's kernel after it), else classified by the name alone; run
+  with XLA_FLAGS=--xla_gpu_enable_command_buffer= for full attribution (benchmarks/profile_prefill.py does).
 - CPU: the XLA thunk executor's events (args `hlo_op`, `hlo_module`, `device_ordinal`) on the XLA threads.  Control
   flow thunks (while / conditional / call) only contain other thunks and are left out; a dot offloaded to the
   thread pool is one event.
@@ -571,14 +573,21 @@ def analyse_trace(
     windows = run_windows(trace, mark)
     if not windows and events:
         windows = [(min(e.start for e in events), max(e.end for e in events))]
-    ours = [e for e in events if not (module and e.hlo_module and e.hlo_module != module)]
-    other_module = [e for e in events if module and e.hlo_module and e.hlo_module != module]
-    # the program's device: the one busiest with this module's events inside the windows
     starts = [w[0] for w in windows]
 
     def run_of(ev: DeviceEvent) -> int | None:
         k = bisect.bisect_right(starts, ev.start) - 1
         return k if k >= 0 and ev.start < windows[k][1] else None
+
+    def foreign(ev: DeviceEvent) -> bool:
+        return bool(module and ev.hlo_module and ev.hlo_module != module)
+
+    module_found = not module or any(not foreign(e) and e.hlo_module for e in events if run_of(e) is not None)
+    if not module_found:  # the trace spells the module differently: every event in the windows counts
+        module = None
+    ours = [e for e in events if not foreign(e)]
+    other_module = [e for e in events if foreign(e)]
+    # the program's device: the one busiest with this module's events inside the windows
 
     per_dev: dict[Any, float] = defaultdict(float)
     for e in ours:
@@ -593,7 +602,7 @@ def analyse_trace(
     def cls(e: DeviceEvent) -> tuple[Classified, HloInstr | None]:
         key = (e.kernel, e.hlo_op, e.op_name)
         if key not in cache:
-            ins = _find_instr(index, e)
+            ins = _find_instr(index, e, kernels=source != "cpu")
             sp = index.scope(ins) if (ins is not None and index is not None) else (e.op_name or "")
             cache[key] = classify(e.kernel, ins, index, rules, scope_path=sp)
             found[key] = ins
@@ -638,6 +647,7 @@ def analyse_trace(
                 "window_s": window,
                 "busy_s": busy,
                 "kernel_sum_s": sum(e.dur for e, _, _ in evs) * 1e-6,
+                "no_hlo_s": sum(v[0] for v in no_hlo.values()),
                 "events": len(evs),
                 "categories": cats,
                 "top_kernels": [[n[:300], c, v[0], v[1]] for (n, c), v in ranked[:top]],
@@ -651,7 +661,8 @@ def analyse_trace(
     return {
         "source": source,
         "device": device,
-        "module": module,
+        "module": index.module if index is not None else None,
+        "module_found": module_found,
         "windows": len(windows),
         "marked": bool(run_windows(trace, mark)),
         "outside_runs_s": sum(e.dur for e in by_run[None]) * 1e-6,
@@ -664,13 +675,22 @@ def _ranked(d: dict[str, list], top: int) -> list:
     return [[n[:300], v[0], v[1]] for n, v in sorted(d.items(), key=lambda kv: -kv[1][0])[:top]]
 
 
-def _find_instr(index: HloIndex | None, e: DeviceEvent) -> HloInstr | None:
+def _find_instr(index: HloIndex | None, e: DeviceEvent, kernels: bool) -> HloInstr | None:
     """The event's HLO instruction: its hlo_op arg, else its name (CPU thunks are named after the instruction; an
-    XLA GPU kernel after its fusion, "loop_add_fusion.3" -> "loop_add_fusion_3")."""
+    XLA GPU kernel after its fusion, "loop_add_fusion.3" -> "loop_add_fusion_3").
+
+    kernels: the events are device kernels, so an hlo_op naming a control-flow instruction (a command buffer's
+    call, whose CUDA graph hides the kernels' own annotations) is passed over for the kernel's name."""
     if index is None:
         return None
-    cands = [*re.split(r"[,;\s]+", e.hlo_op or ""), e.name, re.sub(r"_(\d+)$", r".\1", e.name)]
-    return next((index.instrs[c] for c in cands if c in index.instrs), None)
+    name = e.name.split("(", 1)[0].strip()
+    cands = [*re.split(r"[,;\s]+", e.hlo_op or ""), name, re.sub(r"_(\d+)$", r".\1", name)]
+    cands.append(re.sub(r"_(\d+)_\d+$", r".\1", name))
+    for c in cands:
+        ins = index.instrs.get(c)
+        if ins is not None and not (kernels and ins.opcode in CONTAINER_OPS):
+            return ins
+    return None
 
 
 _SCOPE_NAMES = (
@@ -711,20 +731,21 @@ def profile(
     log_dir: str | None = None,
     top: int = 25,
     python_tracer: bool = False,
+    compiler_options: dict | None = None,
 ) -> dict:
     """Time and profile `fn(*args)` (a jitted function, or an already compiled `jax.stages.Compiled`).
 
-    The program is compiled once; `warmup` runs, `repeats` timed runs (wall_s: their median, host clock after
-    block_until_ready), then `repeats` runs under `jax.profiler.trace`.  The breakdown is that of the profiled run
-    with the median window.  log_dir: keep the trace there (default: a temporary directory, removed).
-    Returns a JSON-able dict (see the module docstring)."""
+    The program is compiled once (with `compiler_options`, XLA debug options, if given); `warmup` runs, `repeats`
+    timed runs (wall_s: their median, host clock after block_until_ready), then `repeats` runs under
+    `jax.profiler.trace`.  The breakdown is that of the profiled run with the median window.  log_dir: keep the
+    trace there (default: a temporary directory, removed).  Returns a JSON-able dict (see the module docstring)."""
     import jax
 
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
     if warmup < 0:
         raise ValueError(f"warmup={warmup} must be >= 0")
-    compiled = fn.lower(*args).compile() if hasattr(fn, "lower") else fn
+    compiled = fn.lower(*args).compile(compiler_options) if hasattr(fn, "lower") else fn
     index = parse_hlo(compiled.as_text())
 
     out = None
@@ -778,6 +799,7 @@ def summarise(analysis: dict, walls: Sequence[float], prof_walls: Sequence[float
         "wall_s": wall,
         "wall_runs_s": list(walls),
         "profiled_runs_wall_s": list(prof_walls),
+        "profiled_run": None,
         "notes": [],
     }
     if not runs:
@@ -818,15 +840,23 @@ def summarise(analysis: dict, walls: Sequence[float], prof_walls: Sequence[float
             "trace_path": analysis.get("trace_path"),
         }
     )
+    if analysis["source"] != "cpu" and r["no_hlo_s"] > 0.2 * r["busy_s"]:
+        res["notes"].append(
+            f"{r['no_hlo_s'] / r['busy_s']:.0%} of the device time is in kernels with no HLO instruction (kernels "
+            "inside CUDA graphs lose XLA's annotation): profile with XLA_FLAGS=--xla_gpu_enable_command_buffer= "
+            "for op-level attribution"
+        )
+    if not analysis.get("module_found", True):
+        res["notes"].append(f"no event of module {analysis['module']!r} in the runs: all events in them counted")
     if not analysis.get("marked"):
         res["notes"].append("no run marks in the trace: one window spans all device events")
     if wall > 0 and abs(total / wall - 1) > 0.05:
-        why = (
-            "the profiled run took longer than the unprofiled one: tracing overhead (on GPU, XLA runs command "
-            "buffers op by op while tracing), so idle/gaps is inflated"
-            if total > wall
-            else "the profiled run was faster than the unprofiled median (run-to-run noise)"
-        )
+        if analysis["source"] == "cpu":
+            why = "CPU runs of one program vary this much on shared cores; the traced run is self-consistent"
+        elif total > wall:
+            why = "tracing overhead (XLA may run command buffers op by op while tracing): idle/gaps is inflated"
+        else:
+            why = "the traced run was faster than the unprofiled median (run-to-run variation)"
         res["notes"].append(
             f"categories sum to {total:.4g} s = {total / wall:.1%} of the wall time {wall:.4g} s: {why}; "
             f"wall minus device busy time is {max(wall - r['busy_s'], 0.0):.4g} s"
@@ -864,6 +894,9 @@ def format_breakdown(res: dict, top: int = 15, title: str = "") -> str:
         for name, cat, s, n in tk:
             short = name if len(name) <= 70 else name[:67] + "..."
             lines.append(f"    {s:>9.4f} s {n:>5}x  {cat:<22} {short}")
+    scopes = {k: v for k, v in res.get("scopes", {}).items() if k != "(none)"}
+    if scopes:
+        lines.append("  by named scope: " + ", ".join(f"{k} {v:.4f}s" for k, v in scopes.items()))
     um = res.get("unmatched", {})
     for key, label in (("no_hlo", "events with no HLO instruction"), ("other", "events in 'other'")):
         rows = um.get(key) or []

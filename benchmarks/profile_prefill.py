@@ -52,6 +52,12 @@ def parse_args(argv=None):
     ap.add_argument("--kernel-backend", default="auto")
     ap.add_argument("--top", type=int, default=15, help="kernels printed per point (the JSON keeps 25)")
     ap.add_argument("--keep-traces", action="store_true", help="keep the jax.profiler traces under --out-dir")
+    ap.add_argument(
+        "--keep-command-buffers",
+        action="store_true",
+        help="leave XLA's GPU command buffers (CUDA graphs) on; by default they are off (XLA_FLAGS), since kernels "
+        "inside a CUDA graph lose their HLO annotation in the trace",
+    )
     ap.add_argument("--out-dir", default=None, help="where the JSON goes (default: a new temporary directory)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -171,6 +177,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    elif not args.keep_command_buffers and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+        # read when jax starts its backend: only effective when this script starts the process
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     t_start = time.perf_counter()
     import common
     import jax
@@ -207,6 +216,7 @@ def main(argv=None) -> int:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "kernel_backend": backend or "default",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "categories": [*profiling.CATEGORIES, profiling.IDLE],
         "rules": profiling.describe_rules().splitlines(),
         "status": "running",

@@ -222,7 +222,7 @@ def _gpu_trace() -> dict:
     ev = [mark(0, 0.0, 100.0), mark(1, 500.0, 620.0), mark(2, 1000.0, 1110.0)]
     ev += [k("nvjet_tst_64x8", 10.0, 60.0, "custom-call.5"), k("nvjet_tst_64x8", 510.0, 600.0, "custom-call.5")]
     ev += [
-        k("loop_multiply_fusion", 1005.0, 1025.0),  # no hlo_op arg: found by its name
+        k("loop_multiply_fusion", 1005.0, 1025.0, "while.13"),  # in a CUDA graph: the kernel's own name counts
         k("gemm_fusion_dot_1", 1025.0, 1045.0),  # XLA names the kernel of fusion gemm_fusion_dot.1 so
         k("apb_attention_portable", 1050.0, 1070.0, "custom-call.6"),
         k("ncclDevKernel_AllGather_RING_LL", 1060.0, 1080.0, "all-gather-start", tid=14),  # overlaps: shared
@@ -267,6 +267,16 @@ def test_gpu_shaped_trace_breakdown_of_the_median_run():
     json.dumps(res)
     text = prof.format_breakdown(res)
     assert "covered_fraction" in text and "gemm_fusion_dot_1" in text
+
+
+def test_a_module_spelled_otherwise_in_the_trace_still_counts():
+    trace = _gpu_trace()
+    for e in trace["traceEvents"]:
+        if e.get("args", {}).get("hlo_module") == "jit_host":
+            e["args"]["hlo_module"] = "jit_host_7"
+    res = prof.summarise(prof.analyse_trace(trace, parse_hlo(HLO)), walls=[110e-6])
+    assert res["device_busy_s"] * 1e6 == pytest.approx(85.0 + 5.0)  # the other module's kernel counts now
+    assert any("jit_host" in n for n in res["notes"])
 
 
 def test_load_trace_finds_the_newest_json(tmp_path):
@@ -324,6 +334,8 @@ def test_profile_of_a_scoped_function_on_the_cpu():
     assert 0.5 < res["covered_fraction"] < 2.0, prof.format_breakdown(res)
     if abs(res["covered_fraction"] - 1) > 0.05:
         assert any("wall time" in n for n in res["notes"])
+    assert {"qkv_proj", "norm", "compress/topk", "passing/concat", "attention/kernel"} <= set(res["scopes"])
+    assert "by named scope" in prof.format_breakdown(res)
     assert not res["unmatched"]["no_hlo"]  # every CPU thunk event names its HLO instruction
     assert res["unmatched"]["outside_runs_s"] == 0.0
     json.dumps(res)
