@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import functools
 import glob
 import gzip
 import json
@@ -588,7 +589,6 @@ def analyse_trace(
     ours = [e for e in events if not foreign(e)]
     other_module = [e for e in events if foreign(e)]
     # the program's device: the one busiest with this module's events inside the windows
-
     per_dev: dict[Any, float] = defaultdict(float)
     for e in ours:
         if run_of(e) is not None:
@@ -711,6 +711,7 @@ _SCOPE_NAMES = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def _scope_key(path: str) -> str:
     """The most specific of the model's scope names in an op_name path ("(none)" if none)."""
     for s in _SCOPE_NAMES:
@@ -846,6 +847,8 @@ def summarise(analysis: dict, walls: Sequence[float], prof_walls: Sequence[float
             "inside CUDA graphs lose XLA's annotation): profile with XLA_FLAGS=--xla_gpu_enable_command_buffer= "
             "for op-level attribution"
         )
+    if r["events"] == 0:
+        res["notes"].append("no device events in the runs (on GPU: could the profiler load CUPTI?)")
     if not analysis.get("module_found", True):
         res["notes"].append(f"no event of module {analysis['module']!r} in the runs: all events in them counted")
     if not analysis.get("marked"):

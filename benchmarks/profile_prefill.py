@@ -38,12 +38,18 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--smoke", action="store_true", help="tiny model, float32, 512 tokens, 4 hosts, on the CPU")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny model, float32, 512 tokens, 4 hosts, on the CPU (seconds)"
+    )
     ap.add_argument("--model", default="llama3.1-8b", choices=("llama3.1-8b", "qwen2.5-7b", "tiny"))
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--layers", type=int, default=None, help="run the first N layers (default: all)")
-    ap.add_argument("--strategies", default="apb,star", help="comma-separated: apb, star, ring, full")
-    ap.add_argument("--compressors", default="query_aware", help="for apb: query_aware, retaining_heads")
+    ap.add_argument("--strategies", default=None, help="comma-separated: apb, star, ring, full (default apb,star)")
+    ap.add_argument(
+        "--compressors",
+        default=None,
+        help="for apb: query_aware, retaining_heads (default query_aware; --smoke: both)",
+    )
     ap.add_argument("--lengths", default=str(128 * K), help="document lengths")
     ap.add_argument("--hosts", default="4", help="host counts (full always runs on 1)")
     ap.add_argument("--query-len", type=int, default=64)
@@ -64,15 +70,15 @@ def parse_args(argv=None):
     if args.smoke:
         args.model, args.dtype = "tiny", "float32"
         args.lengths, args.hosts = "512", "4"
-        args.strategies, args.compressors = "apb,star", "query_aware,retaining_heads"
+        args.compressors = args.compressors or "query_aware,retaining_heads"
         args.query_len, args.repeats = min(args.query_len, 8), min(args.repeats, 3)
     try:
         args.lengths = [int(x) for x in args.lengths.split(",") if x]
         args.hosts = [int(x) for x in args.hosts.split(",") if x]
     except ValueError as e:
         ap.error(f"--lengths and --hosts take comma-separated integers ({e})")
-    args.strategies = [s for s in args.strategies.split(",") if s]
-    args.compressors = [s for s in args.compressors.split(",") if s]
+    args.strategies = [s for s in (args.strategies or "apb,star").split(",") if s]
+    args.compressors = [s for s in (args.compressors or "query_aware").split(",") if s]
     bad = [s for s in args.strategies if s not in ("apb", "star", "ring", "full")]
     if bad:
         ap.error(f"--strategies {','.join(bad)}: each must be one of apb, star, ring, full")
