@@ -159,6 +159,9 @@ def test_fit_size_finds_the_largest_fitting_size():
         assert len(calls) < 30
     with pytest.raises(ValueError, match="smallest prompt is 20 tokens"):
         fit_size(lambda n: 20 + n, 10)
+    seen = []
+    assert fit_size(lambda n: seen.append(n) or 2 * n, 10_000, lo=3, hi=50) == 50  # capped: never asked above hi
+    assert max(seen) == 50
 
 
 # ------------------------------------------------------------------------------------------------ scoring

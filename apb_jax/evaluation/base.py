@@ -129,40 +129,45 @@ class TooShort(ValueError):
     pass
 
 
-def fit_size(count: Callable[[int], int], target: int, lo: int = 0, guess: int | None = None) -> int:
-    """The largest size >= lo with count(size) <= target, for a count that grows about linearly with size.
+def fit_size(
+    count: Callable[[int], int], target: int, lo: int = 0, guess: int | None = None, hi: int | None = None
+) -> int:
+    """The largest size in [lo, hi] with count(size) <= target, for a count that grows about linearly with size.
 
     Interpolation search between a size that fits and one that does not (few evaluations: the count is nearly
-    linear), falling back to bisection when an interpolation step does not halve the bracket. Raises TooShort
-    when even `lo` does not fit.
+    linear), falling back to bisection when an interpolation step does not halve the bracket. Without a `guess`, a
+    small probe above `lo` measures the slope first. Raises TooShort when even `lo` does not fit.
     """
     c_lo = count(lo)
     if c_lo > target:
         raise TooShort(f"the smallest prompt is {c_lo} tokens, more than the {target} available")
-    hi, c_hi = None, None
-    cand = guess if guess is not None and guess > lo else None
-    slope = 1.0
-    bisect = False
-    while hi is None or hi - lo > 1:
+    limit = hi
+    if limit is not None and limit <= lo:
+        return lo
+    up, c_up = None, None  # the smallest size known not to fit
+    cand = guess if guess is not None and guess > lo else lo + 16
+    slope, bisect = 1.0, False
+    while up is None or up - lo > 1:
         if cand is None:
-            if hi is None:
-                cand = lo + max(1, int((target - c_lo) / max(slope, 1e-3)))
+            if up is None:
+                cand = lo + max(1, int((target - c_lo) / slope))
             elif bisect:
-                cand = (lo + hi) // 2
+                cand = (lo + up) // 2
             else:
-                cand = lo + int((target - c_lo) * (hi - lo) / max(c_hi - c_lo, 1))
-        cand = max(cand, lo + 1) if hi is None else min(max(cand, lo + 1), hi - 1)
+                cand = lo + int((target - c_lo) * (up - lo) / max(c_up - c_lo, 1))
+        cand = max(cand, lo + 1) if up is None else min(max(cand, lo + 1), up - 1)
+        if limit is not None:
+            cand = min(cand, limit)
+        old = None if up is None else up - lo
         c = count(cand)
-        old = None if hi is None else hi - lo
+        slope = max((c - c_lo) / (cand - lo), 1e-3)
         if c <= target:
-            if cand > lo:
-                slope = max((c - c_lo) / (cand - lo), 1e-3)
             lo, c_lo = cand, c
+            if limit is not None and lo == limit:
+                return lo
         else:
-            if cand > lo:
-                slope = max((c - c_lo) / (cand - lo), 1e-3)
-            hi, c_hi = cand, c
-        bisect = old is not None and hi is not None and (hi - lo) * 2 > old
+            up, c_up = cand, c
+        bisect = old is not None and up is not None and (up - lo) * 2 > old
         cand = None
     return lo
 
@@ -175,7 +180,13 @@ class Fitted:
 
 
 def fit_sample(
-    build: Callable[[int], Sample], renderer, target: int, *, lo: int = 0, guess: int | None = None
+    build: Callable[[int], Sample],
+    renderer,
+    target: int,
+    *,
+    lo: int = 0,
+    hi: int | None = None,
+    guess: int | None = None,
 ) -> Fitted:
     """The sample of the largest haystack size whose rendered prompt has at most `target` tokens."""
     cache: dict[int, tuple[Sample, int]] = {}
@@ -186,7 +197,7 @@ def fit_sample(
             cache[size] = (s, renderer.count(s.context, s.question, s.answer_prefix, s.prompt_format))
         return cache[size][1]
 
-    size = fit_size(count, target, lo=lo, guess=guess)
+    size = fit_size(count, target, lo=lo, guess=guess, hi=hi)
     count(size)
     sample, n = cache[size]
     return Fitted(sample, size, n)

@@ -137,7 +137,7 @@ def make_samples(task: str, length: int, n: int, seed: int = 0, renderer=None) -
     for i in range(n):
         builder = spec.make(sample_seed(seed, task, i), length)
         try:
-            fitted = fit_sample(builder.build, renderer, target, lo=builder.min_size, guess=guess)
+            fitted = fit_sample(builder.build, renderer, target, lo=builder.min_size, hi=builder.max_size, guess=guess)
         except TooShort as e:
             raise ValueError(
                 f"length={length} is too short for task {task!r}: {e} after reserving {spec.max_new_tokens} tokens "

@@ -83,10 +83,12 @@ NIAH_TASKS = {
 
 @dataclasses.dataclass(frozen=True)
 class Builder:
-    """build(size) -> Sample for one seed; min_size: the smallest haystack size the task allows."""
+    """build(size) -> Sample for one seed; min_size / max_size: the haystack sizes the task allows (max None: no
+    limit)."""
 
     build: Callable[[int], Sample]
     min_size: int = 0
+    max_size: int | None = None
 
 
 def _rngs(seed) -> tuple[np.random.Generator, np.random.Generator]:
@@ -233,8 +235,6 @@ def cwe(name: str, seed, length: int, freq_cw: int = 30, freq_ucw: int = 3, num_
     order_seed = int(list_rng.integers(2**31))
 
     def build(size: int) -> Sample:
-        if size > len(pool):
-            raise ValueError(f"cwe: {size} distinct words asked, the pool holds {len(pool)}")
         words = pool[:size]
         lst = word_list(words, main_freq, np.random.default_rng(order_seed))
         return Sample(
@@ -246,7 +246,7 @@ def cwe(name: str, seed, length: int, freq_cw: int = 30, freq_ucw: int = 3, num_
             metadata={"distinct_words": size, "entries": len(lst), "freq": list(main_freq)},
         )
 
-    return Builder(build, min_size=num_cw + 1)
+    return Builder(build, min_size=num_cw + 1, max_size=len(pool))
 
 
 def zeta(alpha: float, terms: int = 2000) -> float:

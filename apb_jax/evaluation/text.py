@@ -157,11 +157,8 @@ def numbers(rng: np.random.Generator, n: int, digits: int) -> list[str]:
 
 def uuids(rng: np.random.Generator, n: int) -> list[str]:
     """n random version-4 UUID strings."""
-    out = []
-    for _ in range(n):
-        raw = int.from_bytes(rng.bytes(16), "big")
-        out.append(str(uuid.UUID(int=raw, version=4)))
-    return out
+    raw = rng.bytes(16 * n)
+    return [str(uuid.UUID(bytes=raw[16 * i : 16 * i + 16], version=4)) for i in range(n)]
 
 
 def letter_words(rng: np.random.Generator, n: int, length: int, alphabet: str = string.ascii_lowercase) -> list[str]:
