@@ -7,6 +7,7 @@ import collections
 import json
 import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,15 @@ from apb_jax.evaluation import groups, make_samples, resolve_tasks
 from apb_jax.evaluation import scoring as S
 from apb_jax.evaluation.base import fit_size
 from apb_jax.evaluation.registry import get_task, registry
-from apb_jax.evaluation.runner import Prepared, add_eval_arguments, main_eval, plan_batches, run_eval
+from apb_jax.evaluation.runner import (
+    Prepared,
+    add_eval_arguments,
+    main_eval,
+    plan_batches,
+    prepare,
+    run_cell,
+    run_eval,
+)
 from apb_jax.prompting import PromptRenderer
 from tests.tokenizer_fixtures import build_bpe_tokenizer, load
 
@@ -132,7 +141,9 @@ def test_too_short_and_unknown_tasks(llama_tok):
     with pytest.raises(ValueError, match=r"task 'niah_single_9' does not exist; valid tasks: niah_single_1, .*kv_"):
         resolve_tasks("passkey,niah_single_9")
     assert resolve_tasks("infinitebench,passkey") == ["passkey", "number_string", "kv_retrieval"]
-    assert resolve_tasks(["lang"]) == ["lang:passkey", "lang:multikey_niah", "lang:variable_tracking"]
+    from apb_jax.tasks import TASKS
+
+    assert resolve_tasks(["lang"]) == [f"lang:{t}" for t in TASKS] and "lang:multikey_niah" in resolve_tasks("lang")
     with pytest.raises(ValueError, match="needs renderer"):
         make_samples("passkey", 1000, 1)
 
@@ -209,6 +220,41 @@ def test_plan_batches_groups_equal_shapes():
 
 
 # ------------------------------------------------------------------------------------------------ runner
+
+
+class ScriptedEngine:
+    """Stands in for apb_jax.Engine: answers each row with `script(example)` token ids and records the calls."""
+
+    def __init__(self, examples, script):
+        self.by_doc = {ex.doc_ids.tobytes(): ex for ex in examples}
+        self.script, self.calls = script, []
+
+    def generate(self, doc, query, max_new_tokens, stop_tokens):
+        rows = list(doc)
+        self.calls.append((type(doc).__name__, len(rows), max_new_tokens, tuple(stop_tokens)))
+        tokens = [list(self.script(self.by_doc[np.asarray(r).tobytes()]))[:max_new_tokens] for r in rows]
+        return SimpleNamespace(tokens=tokens, prefill_seconds=0.5, decode_seconds=0.25, compile_seconds=0.0)
+
+
+def test_run_cell_decodes_scores_and_batches(llama_tok):
+    """Through the runner's batching, decoding and scoring, without compiling: right answers score 100, an answer
+    after the stop token scores 0, and same-shape examples share (padded) batches."""
+    renderer = PromptRenderer(llama_tok)
+    eot = llama_tok.convert_tokens_to_ids("<|eot_id|>")
+    exs = prepare(make_samples("passkey", 1024, 3, renderer=renderer), renderer, None, [7])
+    enc = lambda text: llama_tok(text, add_special_tokens=False)["input_ids"]
+    right = ScriptedEngine(exs, lambda ex: enc(f" {ex.sample.answers[0]}.") + [eot] + enc("12345"))
+    cell = run_cell(right, exs, 2, llama_tok)
+    assert cell["score"] == 100 and cell["predictions"][0] == f" {exs[0].sample.answers[0]}."
+    assert cell["prefill_seconds"] == 1.0 and cell["n"] == 3
+    assert 7 in exs[0].stop_token_ids and eot in exs[0].stop_token_ids  # the model's eos ids join the template's
+    assert right.calls == [("ndarray", 2, 6, exs[0].stop_token_ids)] * 2  # [0, 1], then [2] padded to 2
+    late = ScriptedEngine(exs, lambda ex: [eot] + enc(f" {ex.sample.answers[0]}."))
+    assert run_cell(late, exs, 2, llama_tok)["score"] == 0
+    niah = prepare(make_samples("niah_multivalue", 1024, 3, renderer=renderer), renderer, 40, [])
+    half = ScriptedEngine(niah, lambda ex: enc(" " + ", ".join(ex.sample.answers[:2]) + "."))
+    assert run_cell(half, niah, 8, llama_tok, ragged=True)["score"] == 50  # 2 of the 4 values each
+    assert half.calls == [("list", 3, 40, niah[0].stop_token_ids)]
 
 
 def _check_result(r, tasks, labels):

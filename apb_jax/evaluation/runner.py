@@ -3,8 +3,8 @@
 For every (task, length) the samples are generated once (in the model's tokenizer, through its chat template) and
 answered by every (strategy, hosts) engine with `apb_jax.Engine(...).generate(doc_ids, query_ids, ...)`, greedily,
 stopping at the template's end-of-turn tokens. Examples of one cell whose document and query lengths are equal go
-into one batch (the Engine needs equal lengths; `plan_batches(..., ragged=True)` is the hook for an Engine that takes
-ragged batches). One engine lives at a time (each holds its own copy of the weights on its devices).
+into one batch (the Engine needs equal lengths; `ragged_batches=True` passes examples of any lengths together, for an
+Engine that takes ragged batches). One engine lives at a time (each holds its own copy of the weights on its devices).
 
 The result is a JSON-ready dict: one cell per (task, length, strategy, hosts) with n, the score (0-100, the
 benchmark's metric) and every prediction; the model, the device, the jax version and the date; and a table shaped
@@ -98,23 +98,31 @@ def decode_prediction(tokens: Sequence[int], ex: Prepared, tokenizer) -> str:
     return tokenizer.decode(tokens[:cut], skip_special_tokens=True)
 
 
-def run_cell(engine, examples: Sequence[Prepared], batch_size: int, tokenizer, on_batch=None) -> dict:
-    """Answer `examples` with `engine`; returns predictions, the score and timings of the cell."""
+def run_cell(engine, examples: Sequence[Prepared], batch_size: int, tokenizer, on_batch=None, ragged=False) -> dict:
+    """Answer `examples` with `engine`; returns predictions, the score and timings of the cell.
+
+    ragged=False stacks equal-length examples into [batch, len] arrays; ragged=True passes lists of 1-D arrays of
+    any lengths (for an Engine that takes ragged batches), with the batch's largest budget and every stop token.
+    """
     preds: list[str | None] = [None] * len(examples)
     t = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "compile_seconds": 0.0}
     t0 = time.perf_counter()
-    batches = plan_batches(examples, batch_size)
+    batches = plan_batches(examples, batch_size, ragged)
     # a short last batch of a shape that also fills whole batches is padded with repeats: one program serves both
     full = {examples[b[0]].shape_key for b in batches if len(b) == batch_size}
     for idx in batches:
-        pad = batch_size - len(idx) if examples[idx[0]].shape_key in full else 0
-        rows = idx + [idx[-1]] * pad
-        doc = np.stack([examples[i].doc_ids for i in rows])
-        query = np.stack([examples[i].query_ids for i in rows])
-        ex0 = examples[idx[0]]
-        out = engine.generate(doc, query, max_new_tokens=ex0.max_new_tokens, stop_tokens=list(ex0.stop_token_ids))
+        exs = [examples[i] for i in idx]
+        if ragged:
+            doc, query = [e.doc_ids for e in exs], [e.query_ids for e in exs]
+        else:
+            pad = batch_size - len(idx) if exs[0].shape_key in full else 0
+            doc = np.stack([e.doc_ids for e in exs + exs[-1:] * pad])
+            query = np.stack([e.query_ids for e in exs + exs[-1:] * pad])
+        stops = sorted({s for e in exs for s in e.stop_token_ids})
+        budget = max(e.max_new_tokens for e in exs)
+        out = engine.generate(doc, query, max_new_tokens=budget, stop_tokens=stops)
         for j, i in enumerate(idx):
-            preds[i] = decode_prediction(out.tokens[j], examples[i], tokenizer)
+            preds[i] = decode_prediction(out.tokens[j][: examples[i].max_new_tokens], examples[i], tokenizer)
         t["prefill_seconds"] += out.prefill_seconds
         t["decode_seconds"] += out.decode_seconds
         t["compile_seconds"] += out.compile_seconds
@@ -213,6 +221,7 @@ def run_eval(
     retaining_heads=None,
     anchor_len: int | None = None,
     passing_len: int | None = None,
+    ragged_batches: bool = False,
     progress: bool = True,
     print_table: bool = True,
     out=None,
@@ -225,7 +234,8 @@ def run_eval(
     emulated on one device). tokenizer: default `model.tokenizer()`. chat_template / prompt_format / system_prompt:
     see `apb_jax.prompting.render`. batch_size: examples per generate call. max_new_tokens: overrides every task's
     budget. max_positions: default the model's max_position_embeddings. compressor / retaining_heads /
-    anchor_len / passing_len: passed to the APB (and Star, for anchor_len) engines. out: a JSON path rewritten after
+    anchor_len / passing_len: passed to the APB (and Star, for anchor_len) engines. ragged_batches: batch examples
+    of different lengths together (needs an Engine that takes ragged batches). out: a JSON path rewritten after
     every cell. Returns the result dict (also written to `out`); a cell that fails holds "error" and no score.
     """
     from tqdm import tqdm
@@ -312,6 +322,7 @@ def run_eval(
             "compressor": compressor,
             "anchor_len": anchor_len,
             "passing_len": passing_len,
+            "ragged_batches": ragged_batches,
         },
         "cells": [],
     }
@@ -346,7 +357,7 @@ def run_eval(
                 bar.set_postfix_str(f"{_label(strategy, h)} {t}@{L}")
                 if err is None:
                     try:
-                        cell.update(run_cell(engine, exs, batch_size, tokenizer, on_batch=bar.update))
+                        cell.update(run_cell(engine, exs, batch_size, tokenizer, bar.update, ragged_batches))
                     except Exception as e:
                         cell["error"] = f"{type(e).__name__}: {e}"
                 else:
