@@ -4,6 +4,7 @@ retriever with its own tasks."""
 
 import argparse
 import collections
+import dataclasses
 import json
 import re
 import shutil
@@ -25,6 +26,7 @@ from apb_jax.evaluation.runner import (
     run_cell,
     run_eval,
 )
+from apb_jax.model import Model
 from apb_jax.prompting import PromptRenderer
 from tests.tokenizer_fixtures import build_bpe_tokenizer, load
 
@@ -65,8 +67,6 @@ def tiny_config(tok, layers: int = 1):
 
 @pytest.fixture(scope="module")
 def tiny_model(llama_tok):
-    from apb_jax.model import Model
-
     return Model.random(tiny_config(llama_tok), dtype="float32", seed=0)
 
 
@@ -234,6 +234,29 @@ class ScriptedEngine:
         self.calls.append((type(doc).__name__, len(rows), max_new_tokens, tuple(stop_tokens)))
         tokens = [list(self.script(self.by_doc[np.asarray(r).tobytes()]))[:max_new_tokens] for r in rows]
         return SimpleNamespace(tokens=tokens, prefill_seconds=0.5, decode_seconds=0.25, compile_seconds=0.0)
+
+
+def test_run_eval_argument_errors(tiny_model, llama_tok):
+    run = lambda **kw: run_eval(
+        tiny_model, kw.pop("tasks", "passkey"), kw.pop("lengths", [512]), kw.pop("strategies", ["apb"]),
+        kw.pop("hosts", [4]), tokenizer=llama_tok, progress=False, **kw,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"strategies: \['flash'\] not allowed; allowed: full, ring, star, apb"):
+        run(strategies=["full", "flash"])
+    with pytest.raises(ValueError, match="hosts=8 in mode 'mesh' needs 8 devices; jax has 4"):
+        run(hosts=[2, 8])
+    with pytest.raises(ValueError, match="length 9000 is longer than the model's max positions 8192"):
+        run(lengths=[1024, 9000])
+    with pytest.raises(ValueError, match=r"lang: tasks use the task-language vocabulary \(512 ids\)"):
+        run_eval(
+            Model.random(dataclasses.replace(tiny_config(llama_tok), vocab_size=256)),
+            "lang:passkey",
+            [512],
+            ["full"],
+            [],
+        )
+    with pytest.raises(ValueError, match="max_new_tokens=0 must be >= 1"):
+        run(max_new_tokens=0)
 
 
 def test_run_cell_decodes_scores_and_batches(llama_tok):

@@ -241,20 +241,13 @@ def run_eval(
     from tqdm import tqdm
 
     names = resolve_tasks(tasks)
-    known = strategy_names()
-    for s in strategies:
-        if s not in known:
-            raise ValueError(f"strategy {s!r} is unknown; allowed: {', '.join(known)}")
     if n < 1 or batch_size < 1:
         raise ValueError(f"n={n} and batch_size={batch_size} must be >= 1")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 (or None: each task's budget)")
-    if mode not in ("mesh", "vmap"):
-        raise ValueError(f"mode={mode!r} is unknown; allowed: 'mesh', 'vmap'")
     lengths = [int(x) for x in lengths]
     hosts = [int(h) for h in hosts]
-    if any(h < 1 for h in hosts) or (any(s != "full" for s in strategies) and not hosts):
-        raise ValueError(f"hosts={hosts}: give host counts >= 1 for the sequence-parallel strategies")
+    grid = _grid(strategies, hosts, mode)
     max_pos = max_positions or model.config.max_position_embeddings
     for L in lengths:
         if max_pos < L:
@@ -262,7 +255,6 @@ def run_eval(
                 f"length {L} is longer than the model's max positions {max_pos}; use shorter lengths, or raise "
                 "max_positions if the model was trained (or scaled) for longer contexts"
             )
-    text_tasks = [t for t in names if get_task(t).benchmark != "lang"]
     if any(get_task(t).benchmark == "lang" for t in names):
         from apb_jax.tokenizer import VOCAB_SIZE
 
@@ -271,19 +263,8 @@ def run_eval(
                 f"lang: tasks use the task-language vocabulary ({VOCAB_SIZE} ids); the model's vocab has "
                 f"{model.config.vocab_size}"
             )
-    if text_tasks and tokenizer is None:
+    if tokenizer is None and any(get_task(t).benchmark != "lang" for t in names):
         tokenizer = model.tokenizer()
-    grid = [("full", 1)] if "full" in strategies else []
-    grid += [(s, h) for s in strategies if s != "full" for h in hosts]
-    if mode == "mesh":
-        import jax
-
-        need = max(h for _, h in grid)
-        if need > jax.device_count():
-            raise ValueError(
-                f"hosts={need} in mode 'mesh' needs {need} devices; jax has {jax.device_count()} "
-                f"({jax.devices()[0].platform}); use mode 'vmap', fewer hosts, or more (fake CPU) devices"
-            )
     renderer = None
     if tokenizer is not None:
         renderer = PromptRenderer(
@@ -383,6 +364,34 @@ def run_eval(
     return result
 
 
+def check_strategies(strategies: Sequence[str], what: str = "strategies") -> None:
+    known = strategy_names()
+    bad = [s for s in strategies if s not in known]
+    if bad or not strategies:
+        raise ValueError(f"{what}: {bad or 'none given'} not allowed; allowed: {', '.join(known)}")
+
+
+def _grid(strategies: Sequence[str], hosts: Sequence[int], mode: str) -> list[tuple[str, int]]:
+    """(strategy, hosts) pairs to run: "full" once on one device, the others on every host count."""
+    check_strategies(strategies)
+    if mode not in ("mesh", "vmap"):
+        raise ValueError(f"mode={mode!r} is unknown; allowed: 'mesh', 'vmap'")
+    if any(h < 1 for h in hosts) or (any(s != "full" for s in strategies) and not hosts):
+        raise ValueError(f"hosts={list(hosts)}: give host counts >= 1 for the sequence-parallel strategies")
+    grid = [("full", 1)] if "full" in strategies else []
+    grid += [(s, h) for s in dict.fromkeys(strategies) if s != "full" for h in hosts]
+    if mode == "mesh":
+        import jax
+
+        need = max(h for _, h in grid)
+        if need > jax.device_count():
+            raise ValueError(
+                f"hosts={need} in mode 'mesh' needs {need} devices; jax has {jax.device_count()} "
+                f"({jax.devices()[0].platform}); use mode 'vmap', fewer hosts, or more (fake CPU) devices"
+            )
+    return grid
+
+
 def _engine(model, strategy, hosts, mode, compressor, retaining_heads, anchor_len, passing_len):
     import apb_jax
 
@@ -452,9 +461,7 @@ def main_eval(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ValueError(f"--tasks: {e}") from None
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    bad = [s for s in strategies if s not in strategy_names()]
-    if bad or not strategies:
-        raise ValueError(f"--strategies: {bad or strategies!r} not allowed; allowed: {', '.join(strategy_names())}")
+    check_strategies(strategies, "--strategies")
     lengths, hosts = _ints("--lengths", args.lengths), _ints("--hosts", args.hosts)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1; got {args.n}")
