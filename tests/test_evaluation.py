@@ -326,7 +326,6 @@ def _write_model_dir(path, tok_dir, cfg):
     from flax import nnx
     from safetensors.numpy import save_file
 
-    from apb_jax.model import Model
     from converters.hf_to_flax import flax_to_hf_name
 
     path.mkdir()
