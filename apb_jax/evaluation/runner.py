@@ -1,0 +1,504 @@
+"""`run_eval`: benchmark scores of strategies x host counts x lengths x tasks, and the `apb-jax eval` command.
+
+For every (task, length) the samples are generated once (in the model's tokenizer, through its chat template) and
+answered by every (strategy, hosts) engine with `apb_jax.Engine(...).generate(doc_ids, query_ids, ...)`, greedily,
+stopping at the template's end-of-turn tokens. Examples of one cell whose document and query lengths are equal go
+into one batch (the Engine needs equal lengths; `ragged_batches=True` passes examples of any lengths together, for an
+Engine that takes ragged batches). One engine lives at a time (each holds its own copy of the weights on its devices).
+
+The result is a JSON-ready dict: one cell per (task, length, strategy, hosts) with n, the score (0-100, the
+benchmark's metric) and every prediction; the model, the device, the jax version and the date; and a table shaped
+like the paper's (tasks as columns), printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apb_jax.evaluation.base import Sample
+from apb_jax.evaluation.registry import get_task, make_samples, resolve_tasks
+from apb_jax.evaluation.scoring import METRICS
+from apb_jax.prompting import PromptRenderer
+
+
+def strategy_names() -> tuple[str, ...]:
+    """The strategies an Engine accepts: the one place the runner and the CLI look them up."""
+    from apb_jax.config import STRATEGIES
+
+    return tuple(STRATEGIES)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prepared:
+    """One example ready for the engine: doc_ids int32 [doc_len], query_ids int32 [query_len]."""
+
+    sample: Sample
+    doc_ids: np.ndarray
+    query_ids: np.ndarray
+    stop_token_ids: tuple[int, ...]
+    max_new_tokens: int
+
+    @property
+    def shape_key(self) -> tuple[int, int, int]:
+        return len(self.doc_ids), len(self.query_ids), self.max_new_tokens
+
+
+def prepare(
+    samples: Sequence[Sample], renderer: PromptRenderer | None, max_new_tokens: int | None, eos_ids=()
+) -> list[Prepared]:
+    """Render text samples (token-level samples pass through); max_new_tokens None: the task's budget."""
+    out = []
+    for s in samples:
+        spec = get_task(s.task)
+        if s.doc_ids is not None:
+            from apb_jax.tokenizer import EOS_ID
+
+            budget = max_new_tokens or int(s.metadata["answer_tokens"])
+            out.append(
+                Prepared(s, np.asarray(s.doc_ids, np.int32), np.asarray(s.query_ids, np.int32), (EOS_ID,), budget)
+            )
+            continue
+        budget = max_new_tokens or spec.max_new_tokens
+        p = renderer.render(s.context, s.question, s.answer_prefix, budget, prompt_format=s.prompt_format)
+        out.append(Prepared(s, p.doc_ids, p.query_ids, tuple(sorted({*p.stop_token_ids, *eos_ids})), budget))
+    return out
+
+
+def plan_batches(examples: Sequence[Prepared], batch_size: int, ragged: bool = False) -> list[list[int]]:
+    """Index lists of at most `batch_size` examples. ragged=False: one batch holds equal doc and query lengths and
+    budgets (what the Engine takes today); ragged=True: any examples, in order (for an Engine with ragged batches)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    groups: dict[Any, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(None if ragged else ex.shape_key, []).append(i)
+    return [idx[lo : lo + batch_size] for idx in groups.values() for lo in range(0, len(idx), batch_size)]
+
+
+def decode_prediction(tokens: Sequence[int], ex: Prepared, tokenizer) -> str:
+    """Generated ids -> text: cut at the first stop token; task-language samples keep their own vocabulary."""
+    tokens = [int(t) for t in tokens]
+    if ex.sample.doc_ids is not None:
+        from apb_jax.tokenizer import ids_to_text
+
+        return ids_to_text(tokens)
+    stops = set(ex.stop_token_ids)
+    cut = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
+    return tokenizer.decode(tokens[:cut], skip_special_tokens=True)
+
+
+def run_cell(engine, examples: Sequence[Prepared], batch_size: int, tokenizer, on_batch=None, ragged=False) -> dict:
+    """Answer `examples` with `engine`; returns predictions, the score and timings of the cell.
+
+    ragged=False stacks equal-length examples into [batch, len] arrays; ragged=True passes lists of 1-D arrays of
+    any lengths (for an Engine that takes ragged batches), with the batch's largest budget and every stop token.
+    """
+    preds: list[str | None] = [None] * len(examples)
+    t = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "compile_seconds": 0.0}
+    t0 = time.perf_counter()
+    batches = plan_batches(examples, batch_size, ragged)
+    # a short last batch of a shape that also fills whole batches is padded with repeats: one program serves both
+    full = {examples[b[0]].shape_key for b in batches if len(b) == batch_size}
+    for idx in batches:
+        exs = [examples[i] for i in idx]
+        if ragged:
+            doc, query = [e.doc_ids for e in exs], [e.query_ids for e in exs]
+        else:
+            pad = batch_size - len(idx) if exs[0].shape_key in full else 0
+            doc = np.stack([e.doc_ids for e in exs + exs[-1:] * pad])
+            query = np.stack([e.query_ids for e in exs + exs[-1:] * pad])
+        stops = sorted({s for e in exs for s in e.stop_token_ids})
+        budget = max(e.max_new_tokens for e in exs)
+        out = engine.generate(doc, query, max_new_tokens=budget, stop_tokens=stops)
+        for j, i in enumerate(idx):
+            preds[i] = decode_prediction(out.tokens[j][: examples[i].max_new_tokens], examples[i], tokenizer)
+        t["prefill_seconds"] += out.prefill_seconds
+        t["decode_seconds"] += out.decode_seconds
+        t["compile_seconds"] += out.compile_seconds
+        if on_batch is not None:
+            on_batch(len(idx))
+    metric = METRICS[get_task(examples[0].sample.task).metric]
+    per = [metric(p, ex.sample.answers) for p, ex in zip(preds, examples)]
+    return {
+        "n": len(examples),
+        "score": round(100 * sum(per) / len(per), 2),
+        "scores": per,
+        "predictions": preds,
+        **{k: round(v, 4) for k, v in t.items()},
+        "wall_seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _label(strategy: str, hosts: int) -> str:
+    return "full" if strategy == "full" else f"{strategy} H={hosts}"
+
+
+def format_table(result: dict) -> str:
+    """Scores as the paper lays them out: one row per (strategy, hosts, length), tasks as columns, then the mean."""
+    cells = result["cells"]
+    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    rows = list(dict.fromkeys((c["strategy"], c["hosts"], c["length"]) for c in cells))
+    by = {(c["strategy"], c["hosts"], c["length"], c["task"]): c for c in cells}
+    head = ["method", "length", *tasks, "avg"]
+    body = []
+    for s, h, L in rows:
+        vals = [by.get((s, h, L, t)) for t in tasks]
+        scores = [c["score"] for c in vals if c is not None and c.get("score") is not None]
+        cols = [
+            "ERR" if c is not None and c.get("error") else ("-" if c is None else f"{c['score']:.1f}") for c in vals
+        ]
+        avg = f"{sum(scores) / len(scores):.1f}" if scores and len(scores) == len(vals) else "-"
+        body.append([_label(s, h), str(L), *cols, avg])
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    line = lambda r: "  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+    n = sorted({c["n"] for c in cells if c.get("n")})
+    title = f"scores 0-100 (n = {'/'.join(map(str, n)) or '-'} per cell; each task's own metric)"
+    return "\n".join([title, line(head), *(line(r) for r in body)])
+
+
+def _device_info() -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    return {"kind": dev.device_kind, "platform": dev.platform, "count": jax.device_count()}
+
+
+def _model_info(model) -> dict:
+    import jax
+
+    c = model.config
+    return {
+        "path": None if model.path is None else str(model.path),
+        "model_type": c.model_type,
+        "layers": c.num_layers,
+        "hidden": c.hidden_size,
+        "heads": c.num_heads,
+        "kv_heads": c.num_kv_heads,
+        "vocab": c.vocab_size,
+        "max_positions": c.max_position_embeddings,
+        "dtype": str(np.dtype(model.dtype)),
+        "params": int(sum(x.size for x in jax.tree_util.tree_leaves(model.params))),
+    }
+
+
+def _write_json(path, doc: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
+def run_eval(
+    model,
+    tasks: str | Sequence[str],
+    lengths: Sequence[int],
+    strategies: Sequence[str],
+    hosts: Sequence[int],
+    n: int = 50,
+    mode: str = "mesh",
+    seed: int = 0,
+    *,
+    tokenizer=None,
+    chat_template: bool | None = None,
+    prompt_format: str | None = None,
+    system_prompt: str | None = None,
+    batch_size: int = 1,
+    max_new_tokens: int | None = None,
+    max_positions: int | None = None,
+    compressor: str | None = None,
+    retaining_heads=None,
+    anchor_len: int | None = None,
+    passing_len: int | None = None,
+    ragged_batches: bool = False,
+    progress: bool = True,
+    print_table: bool = True,
+    out=None,
+) -> dict:
+    """Scores of `strategies` x `hosts` x `lengths` x `tasks`, `n` samples per cell.
+
+    model: an apb_jax Model. tasks: names or groups (see `apb_jax.evaluation.registry`). lengths: tokens (RULER's
+    meaning for text tasks: prompt + generation budget). strategies: names from `strategy_names()`; "full" runs on
+    one device, the others on each host count of `hosts`. mode: "mesh" (one host per device) or "vmap" (hosts
+    emulated on one device). tokenizer: default `model.tokenizer()`. chat_template / prompt_format / system_prompt:
+    see `apb_jax.prompting.render`. batch_size: examples per generate call. max_new_tokens: overrides every task's
+    budget. max_positions: default the model's max_position_embeddings. compressor / retaining_heads /
+    anchor_len / passing_len: passed to the APB (and Star, for anchor_len) engines. ragged_batches: batch examples
+    of different lengths together (needs an Engine that takes ragged batches). out: a JSON path rewritten after
+    every cell. Returns the result dict (also written to `out`); a cell that fails holds "error" and no score.
+    """
+    from tqdm import tqdm
+
+    names = resolve_tasks(tasks)
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n={n} and batch_size={batch_size} must be >= 1")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 (or None: each task's budget)")
+    lengths = [int(x) for x in lengths]
+    hosts = [int(h) for h in hosts]
+    grid = _grid(strategies, hosts, mode)
+    max_pos = max_positions or model.config.max_position_embeddings
+    for L in lengths:
+        if max_pos < L:
+            raise ValueError(
+                f"length {L} is longer than the model's max positions {max_pos}; use shorter lengths, or raise "
+                "max_positions if the model was trained (or scaled) for longer contexts"
+            )
+    if any(get_task(t).benchmark == "lang" for t in names):
+        from apb_jax.tokenizer import VOCAB_SIZE
+
+        if model.config.vocab_size < VOCAB_SIZE:
+            raise ValueError(
+                f"lang: tasks use the task-language vocabulary ({VOCAB_SIZE} ids); the model's vocab has "
+                f"{model.config.vocab_size}"
+            )
+    if tokenizer is None and any(get_task(t).benchmark != "lang" for t in names):
+        tokenizer = model.tokenizer()
+    renderer = None
+    if tokenizer is not None:
+        renderer = PromptRenderer(
+            tokenizer,
+            chat_template=chat_template,
+            prompt_format=prompt_format,
+            system_prompt=system_prompt,
+            max_positions=max_pos,
+            extra_stop_token_ids=tuple(model.config.eos_token_ids),
+        )
+    import jax
+
+    import apb_jax
+
+    result: dict[str, Any] = {
+        "kind": "apb-jax eval",
+        "model": _model_info(model),
+        "device": _device_info(),
+        "jax_version": jax.__version__,
+        "apb_jax_version": apb_jax.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "config": {
+            "tasks": names,
+            "lengths": lengths,
+            "strategies": list(strategies),
+            "hosts": hosts,
+            "n": n,
+            "mode": mode,
+            "seed": seed,
+            "batch_size": batch_size,
+            "chat_template": None if renderer is None else renderer.uses_chat_template,
+            "prompt_format": prompt_format,
+            "system_prompt": system_prompt,
+            "max_new_tokens": max_new_tokens,
+            "max_positions": max_pos,
+            "compressor": compressor,
+            "anchor_len": anchor_len,
+            "passing_len": passing_len,
+            "ragged_batches": ragged_batches,
+        },
+        "cells": [],
+    }
+    prepared: dict[tuple[str, int], list[Prepared]] = {}
+    gen_bar = tqdm(total=len(names) * len(lengths), desc="samples", disable=not progress, file=sys.stderr)
+    for L in lengths:
+        for t in names:
+            gen_bar.set_postfix_str(f"{t}@{L}")
+            samples = make_samples(t, L, n, seed, renderer)
+            prepared[(t, L)] = prepare(samples, renderer, max_new_tokens, model.config.eos_token_ids)
+            gen_bar.update(1)
+    gen_bar.close()
+
+    bar = tqdm(total=len(grid) * len(lengths) * len(names) * n, desc="eval", disable=not progress, file=sys.stderr)
+    for strategy, h in grid:
+        try:
+            engine, err = _engine(model, strategy, h, mode, compressor, retaining_heads, anchor_len, passing_len), None
+        except Exception as e:  # one configuration that cannot run does not stop the others
+            engine, err = None, f"{type(e).__name__}: {e}"
+        for L in lengths:
+            for t in names:
+                exs = prepared[(t, L)]
+                cell = {
+                    "task": t,
+                    "benchmark": get_task(t).benchmark,
+                    "metric": get_task(t).metric,
+                    "length": L,
+                    "strategy": strategy,
+                    "hosts": h,
+                    "max_new_tokens": exs[0].max_new_tokens,
+                }
+                bar.set_postfix_str(f"{_label(strategy, h)} {t}@{L}")
+                if err is None:
+                    try:
+                        cell.update(run_cell(engine, exs, batch_size, tokenizer, bar.update, ragged_batches))
+                    except Exception as e:
+                        cell["error"] = f"{type(e).__name__}: {e}"
+                else:
+                    cell["error"] = err
+                if "error" in cell:
+                    cell.update(n=0, score=None)
+                    bar.update(len(exs))
+                    tqdm.write(f"{_label(strategy, h)} {t}@{L}: {cell['error'][:500]}", file=sys.stderr)
+                cell["answers"] = [list(ex.sample.answers) for ex in exs]
+                cell["doc_tokens"] = [len(ex.doc_ids) for ex in exs]
+                cell["query_tokens"] = [len(ex.query_ids) for ex in exs]
+                cell["metadata"] = [dict(ex.sample.metadata) for ex in exs]
+                result["cells"].append(cell)
+                if out is not None:
+                    _write_json(out, result)
+        del engine
+    bar.close()
+    result["table"] = format_table(result)
+    if out is not None:
+        _write_json(out, result)
+    if print_table:
+        print(result["table"])
+    return result
+
+
+def check_strategies(strategies: Sequence[str], what: str = "strategies") -> None:
+    known = strategy_names()
+    bad = [s for s in strategies if s not in known]
+    if bad or not strategies:
+        raise ValueError(f"{what}: {bad or 'none given'} not allowed; allowed: {', '.join(known)}")
+
+
+def _grid(strategies: Sequence[str], hosts: Sequence[int], mode: str) -> list[tuple[str, int]]:
+    """(strategy, hosts) pairs to run: "full" once on one device, the others on every host count."""
+    check_strategies(strategies)
+    if mode not in ("mesh", "vmap"):
+        raise ValueError(f"mode={mode!r} is unknown; allowed: 'mesh', 'vmap'")
+    if any(h < 1 for h in hosts) or (any(s != "full" for s in strategies) and not hosts):
+        raise ValueError(f"hosts={list(hosts)}: give host counts >= 1 for the sequence-parallel strategies")
+    grid = [("full", 1)] if "full" in strategies else []
+    grid += [(s, h) for s in dict.fromkeys(strategies) if s != "full" for h in hosts]
+    if mode == "mesh":
+        import jax
+
+        need = max(h for _, h in grid)
+        if need > jax.device_count():
+            raise ValueError(
+                f"hosts={need} in mode 'mesh' needs {need} devices; jax has {jax.device_count()} "
+                f"({jax.devices()[0].platform}); use mode 'vmap', fewer hosts, or more (fake CPU) devices"
+            )
+    return grid
+
+
+def _engine(model, strategy, hosts, mode, compressor, retaining_heads, anchor_len, passing_len):
+    import apb_jax
+
+    kw: dict[str, Any] = {}
+    if strategy in ("star", "apb"):
+        kw["anchor_len"] = anchor_len
+    if strategy == "apb":
+        kw.update(passing_len=passing_len, compressor=compressor, retaining_heads=retaining_heads)
+    return apb_jax.Engine(model, strategy=strategy, devices=hosts, mode="mesh" if hosts == 1 else mode, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `apb-jax eval`."""
+    p.add_argument("--model", required=True, help="HF or converted model directory (its tokenizer is used)")
+    p.add_argument(
+        "--tasks",
+        default="ruler",
+        help="comma-separated tasks or groups: ruler, infinitebench, lang (the shipped retriever's tasks), or names "
+        "such as niah_single_1,kv_retrieval (default: ruler)",
+    )
+    p.add_argument("--lengths", default="32768", help="comma-separated lengths in tokens (default 32768)")
+    p.add_argument("--strategies", default="full,star,apb", help=f"comma-separated, of {','.join(strategy_names())}")
+    p.add_argument("--hosts", default="4", help="comma-separated host counts of the parallel strategies (default 4)")
+    p.add_argument("--n", type=int, default=50, help="samples per task and length (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--mode", default="mesh", choices=["mesh", "vmap"], help="mesh: one host per device; vmap: hosts on one device"
+    )
+    p.add_argument("--cpu-devices", type=int, default=None, help="run on the CPU with this many fake devices")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=1, help="examples per generate call (equal lengths only)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's generation budget")
+    p.add_argument(
+        "--chat-template",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="render through the tokenizer's chat template (auto: when it has one)",
+    )
+    p.add_argument("--prompt-format", default=None, help="the user turn, with {context} and {question}")
+    p.add_argument("--system-prompt", default=None, help="a system message (default: the template's)")
+    p.add_argument("--max-positions", type=int, default=None, help="default: the model's max_position_embeddings")
+    p.add_argument("--compressor", default=None, help="APB: query_aware | retaining_heads")
+    p.add_argument("--retaining-heads", default=None, help="APB retaining-heads checkpoint")
+    p.add_argument("--anchor-len", type=int, default=None, help="APB/Star anchor length (default: the paper's)")
+    p.add_argument("--passing-len", type=int, default=None, help="APB passing length (default: the paper's)")
+    p.add_argument("--out", default=None, help="JSON results file, rewritten after every cell")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _ints(flag: str, text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers; got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise ValueError(f"{flag} must list integers >= 1; got {text!r}")
+    return vals
+
+
+def main_eval(args: argparse.Namespace) -> int:
+    """`apb-jax eval`: returns 0, or 1 when a cell failed (its error is in the JSON and on stderr)."""
+    try:
+        names = resolve_tasks(args.tasks)
+    except ValueError as e:
+        raise ValueError(f"--tasks: {e}") from None
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    check_strategies(strategies, "--strategies")
+    lengths, hosts = _ints("--lengths", args.lengths), _ints("--hosts", args.hosts)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1; got {args.n}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.cpu_devices is not None:
+        from apb_jax.cli import _set_cpu_devices
+
+        _set_cpu_devices(args.cpu_devices)
+    import apb_jax
+
+    model = apb_jax.load(args.model, dtype=args.dtype)
+    chat = {"auto": None, "on": True, "off": False}[args.chat_template]
+    result = run_eval(
+        model,
+        names,
+        lengths,
+        strategies,
+        hosts,
+        n=args.n,
+        mode=args.mode,
+        seed=args.seed,
+        chat_template=chat,
+        prompt_format=args.prompt_format,
+        system_prompt=args.system_prompt,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        max_positions=args.max_positions,
+        compressor=args.compressor,
+        retaining_heads=args.retaining_heads,
+        anchor_len=args.anchor_len,
+        passing_len=args.passing_len,
+        progress=not args.no_progress,
+        print_table=False,
+        out=args.out,
+    )
+    if args.out:
+        print(f"wrote {os.fspath(args.out)}", file=sys.stderr)
+    print(result["table"])
+    return 1 if any(c.get("error") for c in result["cells"]) else 0
