@@ -1,9 +1,11 @@
 """apb-jax: APB long-context prefill (anchor + compressed passing blocks) in JAX/Pallas over a device mesh.
 
     import apb_jax
+    apb_jax.use_cpu_devices(4)                       # no GPUs: 4 fake CPU devices (before any jax computation)
     model = apb_jax.load(path)                       # HF directory or converted (orbax) directory
     engine = apb_jax.Engine(model, strategy="apb", devices=4)
     out = engine.generate(doc_ids, query_ids, max_new_tokens=16)
+    ans = engine.generate_text(context, question)    # through the tokenizer's chat template
 
 Names resolve lazily, so `import apb_jax.cli` does not start jax (the CLI may still set XLA flags).
 """
@@ -19,6 +21,8 @@ _EXPORTS = {
     "ModelConfig": "apb_jax.config",
     "Engine": "apb_jax.engine",
     "GenerateOutput": "apb_jax.engine",
+    "TextOutput": "apb_jax.engine",
+    "use_cpu_devices": "apb_jax.parallel",
     "Model": "apb_jax.model",
     "make_mesh": "apb_jax.parallel",
 }
@@ -33,8 +37,8 @@ def load(path, dtype=None):
 
 
 def __getattr__(name):
-    if name == "distributed":
-        return importlib.import_module("apb_jax.distributed")
+    if name in ("distributed", "strategies", "tasks", "evaluation", "prompting"):
+        return importlib.import_module(f"apb_jax.{name}")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'apb_jax' has no attribute {name!r}")
@@ -44,4 +48,14 @@ def __dir__():
     return sorted([*_EXPORTS, "load", "__version__"])
 
 
-__all__ = ["APBConfig", "Engine", "GenerateOutput", "Model", "ModelConfig", "load", "make_mesh"]
+__all__ = [
+    "APBConfig",
+    "Engine",
+    "GenerateOutput",
+    "Model",
+    "ModelConfig",
+    "TextOutput",
+    "load",
+    "make_mesh",
+    "use_cpu_devices",
+]

@@ -1,14 +1,19 @@
-"""`apb-jax` command line: convert, generate, demo, bench, launch.
+"""`apb-jax` command line: convert, generate, eval, demo, bench, launch.
 
-jax is imported only after the arguments are read, so `--cpu-devices N` can still ask XLA for N fake CPU devices.
+jax's backends start only after the arguments are read and checked, so `--cpu-devices N` can still ask XLA for N
+fake CPU devices, and a bad flag or file is reported before any weight is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake in the command's input, reported in one line (no traceback)."""
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -21,14 +26,35 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="; ".join(f"{n}: {s.summary}" for n, s in strategies.REGISTRY.items()),
     )
     p.add_argument(
-        "--devices", type=int, default=None, help="hosts on mesh axis 'sp' (default: 1 for full, all for others)"
+        "--devices",
+        type=int,
+        default=None,
+        help="hosts on mesh axis 'sp' (default: 1 for full, every device for the others)",
     )
     p.add_argument(
-        "--anchor-len", type=int, default=None, help="APB/Star anchor length A (default: L/32 for APB, B for Star)"
+        "--anchor-len",
+        type=int,
+        default=None,
+        help="APB/Star anchor length A (default: L/32 for APB, the block length for Star)",
     )
-    p.add_argument("--passing-len", type=int, default=None, help="APB passing length P per host (default: L/64)")
-    p.add_argument("--compressor", default=None, choices=["query_aware", "retaining_heads"])
-    p.add_argument("--retaining-heads", default=None, help="retaining-heads checkpoint (.safetensors/.bin/.pt)")
+    p.add_argument(
+        "--passing-len",
+        type=_passing_len,
+        default=None,
+        help="APB passing length P per host (default: L/64; 'block': every key, exact with --anchor-len 0)",
+    )
+    p.add_argument(
+        "--compressor",
+        default=None,
+        choices=["query_aware", "retaining_heads"],
+        help="APB's compressor (default: the retaining heads when the model directory has "
+        "retaining_heads.safetensors or --retaining-heads is given, else query_aware)",
+    )
+    p.add_argument(
+        "--retaining-heads",
+        default=None,
+        help="retaining-heads checkpoint (.safetensors/.bin/.pt; default: <model>/retaining_heads.safetensors)",
+    )
     p.add_argument("--q-insert", type=int, default=16, help="document tokens before the query inside the anchor")
     p.add_argument(
         "--mode",
@@ -40,7 +66,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--cpu-devices",
         type=int,
         default=None,
-        help="run on the CPU with this many fake devices (sets XLA_FLAGS before jax starts)",
+        help="run on the CPU with this many fake devices (set before jax starts)",
     )
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -52,6 +78,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p)  # --coordinator/--num-processes/--process-id/--local-device-count/--init-timeout
 
 
+def _passing_len(text: str):
+    if text == "block":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor 'block'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apb-jax", description="APB long-context prefill in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,14 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing DST/params")
 
     g = sub.add_parser("generate", help="answer a question about a long context file")
     g.add_argument("--model", required=True, help="HF or converted model directory")
-    g.add_argument("--context-file", required=True)
+    g.add_argument("--context-file", required=True, help="a UTF-8 text file")
     g.add_argument("--question", required=True)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    g.add_argument(
+        "--no-chat-template", action="store_true", help="feed the raw text even when the tokenizer has a chat template"
+    )
+    g.add_argument(
+        "--prompt-format",
+        default=None,
+        help="the user turn with {context} and {question} (default: '{context}\\n\\n{question}')",
+    )
+    g.add_argument("--system-prompt", default=None, help="a system message (default: the template's own)")
     _add_engine_args(g)
+
+    from apb_jax.evaluation.runner import add_eval_arguments
+
+    ev = sub.add_parser(
+        "eval", help="RULER / InfiniteBench / the task language: scores over strategies x hosts x lengths"
+    )
+    add_eval_arguments(ev)
 
     d = sub.add_parser("demo", help="passkey retrieval on the embedded default model: full vs APB on 4 CPU devices")
     d.add_argument("--length", type=int, default=16384, help="document length in tokens")
@@ -90,25 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _set_cpu_devices(n: int | None) -> None:
-    """Ask for `n` fake CPU devices; works until the first jax computation starts a backend."""
+    """Ask for `n` fake CPU devices (`apb_jax.use_cpu_devices`), as the flag --cpu-devices."""
     if n is None:
         return
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
-    if "jax" in sys.modules:
-        import jax
-        from jax._src import xla_bridge
+    from apb_jax.parallel import use_cpu_devices
 
-        if xla_bridge.backends_are_initialized():
-            if jax.default_backend() == "cpu" and jax.device_count() >= n:
-                return  # already there (e.g. called from a process that set them up itself)
-            raise RuntimeError(
-                f"--cpu-devices/--devices {n}: jax has already started with {jax.device_count()} "
-                f"{jax.default_backend()} device(s); run the command in a fresh process"
-            )
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", n)
+    try:
+        use_cpu_devices(n)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--cpu-devices {n}: {e}") from None
 
 
 def _maybe_distributed(args) -> None:
@@ -128,21 +169,93 @@ def _is_main() -> bool:
 def cmd_convert(args) -> int:
     from apb_jax.checkpoint import convert
 
-    convert(args.src, args.dst, dtype=args.dtype, progress=True, overwrite=args.overwrite)
+    try:
+        convert(args.src, args.dst, dtype=args.dtype, progress=True, overwrite=args.overwrite)
+    except FileExistsError as e:
+        raise UserError(str(e).replace("pass overwrite=True (--overwrite)", "pass --overwrite")) from None
     return 0
 
 
+def read_text_file(path: str, flag: str = "--context-file") -> str:
+    """The UTF-8 text of `path`, or a UserError naming the file and what is wrong with it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    data = p.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise UserError(f"{flag} {path}: this looks like a binary file (it holds NUL bytes); give a UTF-8 text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{flag} {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it to UTF-8 first"
+        ) from None
+
+
+def check_devices(strategy: str, devices: int | None, cpu_devices: int | None, mode: str) -> None:
+    """Before any weight is loaded: the hosts asked for exist (or say how to get them)."""
+    import jax
+
+    from apb_jax import strategies
+
+    if devices is not None and devices < 1:
+        raise UserError(f"--devices {devices}: must be >= 1")
+    if mode != "mesh" or devices is None or strategies.get(strategy).single_device:
+        return
+    have = jax.device_count()
+    if devices > have:
+        hint = (
+            f"; on a CPU add --cpu-devices {devices} for fake devices"
+            if jax.default_backend() == "cpu" and cpu_devices is None
+            else ""
+        )
+        raise UserError(
+            f"--devices {devices}: only {have} {jax.default_backend()} device(s) exist; allowed: "
+            f"1..{have}{hint}, or --mode vmap to emulate the hosts on one device"
+        )
+
+
+def unknown_fraction(tok, ids) -> float:
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None or len(ids) == 0:
+        return 0.0
+    return sum(1 for i in ids if i == unk) / len(ids)
+
+
 def cmd_generate(args) -> int:
+    from apb_jax.config import ModelConfig
+
     _set_cpu_devices(args.cpu_devices)
+    context = read_text_file(args.context_file)
+    config = ModelConfig.from_pretrained(args.model)  # a bad model directory fails here, before any weight
     _maybe_distributed(args)
+    check_devices(args.strategy, args.devices, args.cpu_devices, args.mode)
+    from apb_jax.model import load_tokenizer
+    from apb_jax.prompting import render
+
+    tok = load_tokenizer(args.model)
+    prompt = render(
+        tok,
+        context,
+        args.question,
+        chat_template=False if args.no_chat_template else None,
+        prompt_format=args.prompt_format,
+        system_prompt=args.system_prompt,
+        max_positions=config.max_position_embeddings,
+        max_new_tokens=args.max_new_tokens,
+        extra_stop_token_ids=config.eos_token_ids,
+    )
+    frac = unknown_fraction(tok, prompt.doc_ids)
+    if frac > 0.1:
+        print(
+            f"warning: {frac:.0%} of the context's tokens are the unknown token {tok.unk_token!r}: this model's "
+            "tokenizer does not know most of its words, so answers will be poor (the shipped retriever reads only "
+            "its own task language; see the README)",
+            file=sys.stderr,
+        )
     import apb_jax
 
     model = apb_jax.load(args.model, dtype=args.dtype)
-    tok = model.tokenizer()
-    with open(args.context_file, encoding="utf-8") as f:
-        context = f.read()
-    doc_ids = tok(context, add_special_tokens=True)["input_ids"]
-    query_ids = tok(args.question, add_special_tokens=False)["input_ids"]
     engine = apb_jax.Engine(
         model,
         strategy=args.strategy,
@@ -155,12 +268,13 @@ def cmd_generate(args) -> int:
         mode=args.mode,
     )
     out = engine.generate(
-        doc_ids,
-        query_ids,
+        prompt.doc_ids,
+        prompt.query_ids,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        stop_tokens=prompt.stop_token_ids,
     )
     text = tok.decode(out.tokens, skip_special_tokens=True)
     if not _is_main():
@@ -170,8 +284,10 @@ def cmd_generate(args) -> int:
         "tokens": out.tokens,
         "strategy": args.strategy,
         "hosts": engine.hosts,
-        "doc_tokens": len(doc_ids),
-        "query_tokens": len(query_ids),
+        "doc_tokens": len(prompt.doc_ids),
+        "query_tokens": len(prompt.query_ids),
+        "chat_template": prompt.chat_template,
+        "compressor": engine.config.compressor,
         "anchor_len": out.layout.anchor,
         "passing_len": out.layout.passing,
         "block_len": out.layout.block,
@@ -184,11 +300,18 @@ def cmd_generate(args) -> int:
     else:
         print(text)
         print(
-            f"[{args.strategy} on {engine.hosts} host(s): {len(doc_ids)} context tokens, prefill "
-            f"{out.prefill_seconds:.3f}s, decode {out.decode_seconds:.3f}s, compile {out.compile_seconds:.1f}s]",
+            f"[{args.strategy} on {engine.hosts} host(s): {len(prompt.doc_ids)} context tokens"
+            f"{' (chat template)' if prompt.chat_template else ''}, prefill {out.prefill_seconds:.3f}s, decode "
+            f"{out.decode_seconds:.3f}s, compile {out.compile_seconds:.1f}s]",
             file=sys.stderr,
         )
     return 0
+
+
+def cmd_eval(args) -> int:
+    from apb_jax.evaluation.runner import main_eval
+
+    return main_eval(args)
 
 
 def cmd_demo(args) -> int:
@@ -209,11 +332,20 @@ def cmd_launch(args) -> int:
 
     rest = args.rest[1:] if args.rest and args.rest[0] == "--" else args.rest
     if not rest:
-        print("apb-jax launch: give the command after --, e.g. apb-jax launch -- generate --model ...", file=sys.stderr)
-        return 2
+        raise UserError("give the command after --, e.g. apb-jax launch -- generate --model ...")
     return launch.launch(
         rest, processes=args.processes, devices_per_process=args.devices_per_process, timeout_s=args.timeout
     )
+
+
+COMMANDS = {
+    "convert": cmd_convert,
+    "generate": cmd_generate,
+    "eval": cmd_eval,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
+    "launch": cmd_launch,
+}
 
 
 def main(argv=None) -> int:
@@ -224,17 +356,10 @@ def main(argv=None) -> int:
     if args.command == "bench" and args.args[:1] == ["--"]:
         args.args = args.args[1:]
     try:
-        rc = {
-            "convert": cmd_convert,
-            "generate": cmd_generate,
-            "demo": cmd_demo,
-            "bench": cmd_bench,
-            "launch": cmd_launch,
-        }[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return COMMANDS[args.command](args)
+    except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"apb-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return rc
 
 
 if __name__ == "__main__":

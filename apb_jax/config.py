@@ -133,10 +133,22 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
-        f = Path(path) / "config.json"
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"model directory {str(root)!r} does not exist")
+        f = root / "config.json"
         if not f.is_file():
             raise FileNotFoundError(f"no config.json in {path}")
-        return cls.from_hf_dict(json.loads(f.read_text()))
+        try:
+            d = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f} is not valid JSON ({e}); restore the model's config.json") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{f} holds a JSON {type(d).__name__}, not an object; restore the model's config.json")
+        try:
+            return cls.from_hf_dict(d)
+        except KeyError as e:
+            raise ValueError(f"{f} lacks the field {e.args[0]!r} a Llama/Qwen2 config has") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The HF-style config.json this config came from (enough for transformers to rebuild the model)."""
@@ -206,6 +218,7 @@ def _rope_from_hf(d: dict[str, Any]) -> RopeConfig:
 
 
 COMPRESSORS = ("query_aware", "retaining_heads")
+PASS_ALL = "block"  # passing_len that passes every local key, whatever the block length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,8 +227,10 @@ class APBConfig:
 
     strategy: a name of `apb_jax.strategies` (None: the registry's default, full attention on one device).
     anchor_len / passing_len None pick the strategy's defaults at prefill time (APB: A = L/32, P = L/64, clipped
-    to what the block length allows; Star: A = B); `q_insert` is how many leading document tokens stay before the
-    query inside the anchor (APB reference default 16).  Settings a strategy has no use for are rejected by it.
+    to what the block length allows; Star: A = B); passing_len="block" passes every local key (with anchor_len=0,
+    APB is then exact attention, for any document length).  `q_insert` is how many leading document tokens stay
+    before the query inside the anchor (APB reference default 16).  Settings a strategy has no use for are rejected
+    by it.
     """
 
     strategy: str | None = None
@@ -238,8 +253,15 @@ class APBConfig:
             raise ValueError(f"devices={self.devices} must be >= 1")
         if self.anchor_len is not None and self.anchor_len < 0:
             raise ValueError(f"anchor_len={self.anchor_len} must be >= 0")
-        if self.passing_len is not None and self.passing_len < 0:
-            raise ValueError(f"passing_len={self.passing_len} must be >= 0")
+        if (
+            self.passing_len is not None
+            and self.passing_len != PASS_ALL
+            and (not isinstance(self.passing_len, int) or self.passing_len < 0)
+        ):
+            raise ValueError(
+                f"passing_len={self.passing_len!r} must be an int >= 0, None (the default) or "
+                f"{PASS_ALL!r} (every local key: with anchor_len=0, exact attention)"
+            )
         if self.q_insert < 0:
             raise ValueError(f"q_insert={self.q_insert} must be >= 0")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:

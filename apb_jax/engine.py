@@ -82,6 +82,17 @@ class GenerateOutput:
 
 
 @dataclasses.dataclass
+class TextOutput:
+    """What `Engine.generate_text` returns: the answer text(s), their token ids, the rendered prompt(s)
+    (`apb_jax.prompting.Prompt`: doc_ids, query_ids, stop_token_ids, chat_template) and the GenerateOutput."""
+
+    text: str | list[str]
+    tokens: list
+    prompt: Any
+    output: GenerateOutput
+
+
+@dataclasses.dataclass
 class PrefillOutput:
     cache: Cache
     logits: np.ndarray  # float32 [batch, vocab]: next-token logits after the query
@@ -99,7 +110,9 @@ class Engine:
     mode="vmap" emulates `devices` hosts on one device (jax.vmap with axis_name "sp": same per-host program, used
     for accuracy runs on one GPU).  retaining_heads: a path (a released Locret/APB file, or a directory holding
     one) or a `RetainingHeads`; with compressor None, APB uses the model directory's `retaining_heads.safetensors`
-    when there is one, else the training-free query-aware scores.
+    when there is one, else the training-free query-aware scores.  A prompt plus the tokens to generate longer than
+    the model's max_position_embeddings is an error unless allow_longer=True (RoPE past its trained range: quality
+    is then the model's own business).
     """
 
     def __init__(
@@ -116,6 +129,7 @@ class Engine:
         mode: str = "mesh",
         kernel_backend: str | None = None,
         mesh=None,
+        allow_longer: bool = False,
     ):
         if not isinstance(model, Model):
             raise TypeError(f"model must be an apb_jax Model (from apb_jax.load); got {type(model).__name__}")
@@ -161,6 +175,7 @@ class Engine:
             self.heads = replicate(retaining_heads, self.mesh)
         self.params = replicate(model.params, self.mesh)
         self.settings = Settings(compressor, pool_kernel, self.kernel_backend)
+        self.allow_longer = allow_longer
         self._compiled: dict = {}
 
     # ---------------------------------------------------------------------------------------------- public
@@ -265,6 +280,63 @@ class Engine:
             tokens, totals["prefill"], totals["decode"], totals["compile"], totals["doc"], layout, first_logits
         )
 
+    def generate_text(
+        self,
+        context,
+        question,
+        max_new_tokens: int = 32,
+        *,
+        chat_template: bool | None = None,
+        prompt_format: str | None = None,
+        system_prompt: str | None = None,
+        answer_prefix: str = "",
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> TextOutput:
+        """Answer `question` about `context` (text, or two lists of texts: a batch of prompts of any lengths) with
+        the model's own tokenizer: the prompt goes through its chat template when it has one (chat_template=None;
+        True insists, False feeds the raw text), with the context in the document part (split over the hosts) and
+        the question plus the template's assistant header in the query; generation stops at eos or the template's
+        end-of-turn tokens.  See `apb_jax.prompting.render` for prompt_format, system_prompt and answer_prefix."""
+        from apb_jax.prompting import render
+
+        batch = isinstance(context, (list, tuple))
+        contexts, questions = (list(context), list(question)) if batch else ([context], [question])
+        if len(contexts) != len(questions):
+            raise ValueError(f"{len(contexts)} contexts but {len(questions)} questions; give one question each")
+        tok = self.model.tokenizer()
+        limit = None if self.allow_longer else self.model.config.max_position_embeddings
+        prompts = [
+            render(
+                tok,
+                c,
+                q,
+                chat_template=chat_template,
+                prompt_format=prompt_format,
+                system_prompt=system_prompt,
+                answer_prefix=answer_prefix,
+                max_positions=limit,
+                max_new_tokens=max_new_tokens,
+                extra_stop_token_ids=self.model.config.eos_token_ids,
+            )
+            for c, q in zip(contexts, questions)
+        ]
+        stops = sorted({t for p in prompts for t in p.stop_token_ids})
+        out = self.generate(
+            [p.doc_ids for p in prompts],
+            [p.query_ids for p in prompts],
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_tokens=stops,
+        )
+        texts = [tok.decode(t, skip_special_tokens=True) for t in out.tokens]
+        return TextOutput(
+            texts if batch else texts[0], out.tokens if batch else out.tokens[0], prompts if batch else prompts[0], out
+        )
+
     def kept_positions(self, doc_ids, query_ids) -> dict:
         """What each host's compressor kept during the prefill, for a debugging look: {"positions": int32
         [hosts, layers, batch, kv_heads, passing_len] document positions (-1: an empty slot), "layout": Layout}.
@@ -319,7 +391,17 @@ class Engine:
         tokens, positions = host_rows(lay, doc, query, pad_id=self.model.config.pad_token_id or 0)
         return (self.params, self.heads, global_array(tokens, self.mesh, SEQ), global_array(positions, self.mesh, SEQ))
 
+    def check_positions(self, doc_len: int, query_len: int, new_tokens: int) -> None:
+        total, limit = doc_len + query_len + new_tokens, self.model.config.max_position_embeddings
+        if total > limit and not self.allow_longer:
+            raise ValueError(
+                f"the prompt is {doc_len + query_len} tokens (document {doc_len} + query {query_len}) + {new_tokens} "
+                f"to generate = {total}, past the model's max_position_embeddings {limit}; shorten the context, or "
+                "pass allow_longer=True to run RoPE past its trained positions"
+            )
+
     def _prefill(self, doc, query, extra_tail, doc_logits, key, temperature, top_p):
+        self.check_positions(doc.shape[1], query.shape[1], extra_tail)
         lay = self.layout(doc.shape[1], query.shape[1])
         tail = _round_up(query.shape[1] + max(extra_tail, 1), 16)
         args = self._prefill_inputs(lay, doc, query)

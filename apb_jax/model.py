@@ -74,12 +74,23 @@ class Model:
         return _logits_fn(self.graphdef)(self.params, jnp.asarray(ids, jnp.int32))
 
     def tokenizer(self):
-        """The HF tokenizer saved beside the checkpoint (transformers.AutoTokenizer)."""
+        """The HF tokenizer saved beside the checkpoint (transformers.AutoTokenizer), with its chat template."""
         if self.path is None:
             raise ValueError("this model was not loaded from a directory, so it has no tokenizer files")
-        from transformers import AutoTokenizer
+        return load_tokenizer(self.path)
 
-        return AutoTokenizer.from_pretrained(str(self.path))
+
+def load_tokenizer(path):
+    """The HF tokenizer in model directory `path`, or a ValueError naming the directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"no usable tokenizer in {path} ({type(e).__name__}: {str(e)[:200]}); a converted "
+            "directory holds tokenizer.json / tokenizer_config.json copied from the HF checkpoint"
+        ) from None
 
 
 def forward_logits(graphdef, params, ids: jax.Array, attention_backend: str | None = None) -> jax.Array:

@@ -21,6 +21,33 @@ from jax.sharding import PartitionSpec as P
 AXIS = "sp"
 
 
+def use_cpu_devices(n: int) -> None:
+    """Run jax on the CPU with `n` fake devices (to try sequence-parallel strategies without GPUs).
+
+    Call it before the first jax computation (importing jax is fine); once jax has started its backends it can
+    only check that they already match (a RuntimeError says to start a fresh process otherwise)."""
+    import os
+    import sys
+
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"use_cpu_devices(n={n!r}): n must be an integer >= 1")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            if jax.default_backend() == "cpu" and jax.device_count() >= n:
+                return  # already there (e.g. called from a process that set them up itself)
+            raise RuntimeError(
+                f"{n} CPU devices asked for, but jax has already started with {jax.device_count()} "
+                f"{jax.default_backend()} device(s); ask before the first jax computation, or run in a fresh process"
+            )
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", n)
+
+
 def make_mesh(n: int | None = None, devices=None) -> Mesh:
     """A 1-D mesh over the first `n` devices (all by default), axis "sp".
 
@@ -32,9 +59,15 @@ def make_mesh(n: int | None = None, devices=None) -> Mesh:
     devs = list(jax.devices() if devices is None else devices)
     n = len(devs) if n is None else n
     if not 1 <= n <= len(devs):
+        platform = devs[0].platform if devs else "none"
+        hint = (
+            f"; for fake CPU devices call apb_jax.use_cpu_devices({n}) before the first jax computation "
+            f"(CLI: --cpu-devices {n}), or use mode='vmap' to emulate the hosts on one device"
+            if platform == "cpu"
+            else "; or use mode='vmap' to emulate the hosts on one device"
+        )
         raise ValueError(
-            f"devices={n} but {len(devs)} JAX device(s) are available "
-            f"({devs[0].platform if devs else 'none'}); allowed: 1..{len(devs)}"
+            f"devices={n} but {len(devs)} JAX device(s) are available ({platform}); allowed: 1..{len(devs)}{hint}"
         )
     return Mesh(np.array(devs[:n]), (AXIS,))
 

@@ -7,7 +7,6 @@ import collections
 import dataclasses
 import json
 import re
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,7 +27,7 @@ from apb_jax.evaluation.runner import (
 )
 from apb_jax.model import Model
 from apb_jax.prompting import PromptRenderer
-from tests.tokenizer_fixtures import build_bpe_tokenizer, load
+from tests.tokenizer_fixtures import build_bpe_tokenizer, load, tiny_config, write_model_dir
 
 TEXT_TASKS = groups()["ruler"] + groups()["infinitebench"]
 COARSE = {"niah_multikey_2", "niah_multikey_3", "kv_retrieval", "cwe", "fwe"}  # haystack units of many tokens
@@ -42,27 +41,6 @@ def tok_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_tok(tok_dirs):
     return load(tok_dirs["llama3"])
-
-
-def tiny_config(tok, layers: int = 1):
-    from apb_jax.config import ModelConfig, RopeConfig
-
-    return ModelConfig(
-        model_type="llama",
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=layers,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rope=RopeConfig(theta=1e4),
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_ids=(tok.eos_token_id,),
-        dtype="float32",
-    )
 
 
 @pytest.fixture(scope="module")
@@ -321,26 +299,6 @@ def test_runner_lang_tasks_on_the_shipped_retriever():
     assert r["config"]["chat_template"] is None  # no tokenizer was needed
 
 
-def _write_model_dir(path, tok_dir, cfg):
-    """An HF Llama directory (config.json, model.safetensors, the tokenizer) of a random tiny model."""
-    from flax import nnx
-    from safetensors.numpy import save_file
-
-    from converters.hf_to_flax import flax_to_hf_name
-
-    path.mkdir()
-    m = Model.random(cfg, dtype="float32", seed=1)
-    tensors = {}
-    for p, var in nnx.to_flat_state(m.params):
-        arr = np.asarray(var.get_value() if hasattr(var, "get_value") else var.value, np.float32)
-        tensors[flax_to_hf_name(tuple(p))] = np.ascontiguousarray(arr.T if p[-1] == "kernel" else arr)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / f, path / f)
-    return path
-
-
 def _parse(argv):
     p = argparse.ArgumentParser()
     add_eval_arguments(p)
@@ -348,7 +306,7 @@ def _parse(argv):
 
 
 def test_main_eval_writes_json_and_table(tok_dirs, llama_tok, tmp_path, capsys):
-    model_dir = _write_model_dir(tmp_path / "tiny", tok_dirs["llama3"], tiny_config(llama_tok))
+    model_dir = write_model_dir(tmp_path / "tiny", tok_dirs["llama3"], tiny_config(llama_tok))
     out = tmp_path / "results.json"
     argv = ["--model", str(model_dir), "--tasks", "passkey", "--lengths", "512", "--strategies", "full,star,apb"]
     argv += ["--hosts", "4", "--n", "2", "--batch-size", "2", "--max-new-tokens", "3", "--anchor-len", "5"]

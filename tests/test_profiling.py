@@ -1,6 +1,6 @@
 """apb_jax.profiling: the category table on HLO snippets and synthetic traces (a GPU-shaped one: device stream
 lines, kernel names, hlo_op args), the time attribution, and real profiles on the CPU (a scoped jitted function;
-benchmarks/profile_prefill.py --smoke on the replayed per-host prefill of the tiny model)."""
+`apb-jax bench --smoke --profile` on the replayed per-host prefill of the tiny model)."""
 
 # ruff: noqa: E501 (HLO text: one instruction per line, as XLA prints it)
 
@@ -14,7 +14,6 @@ import pytest
 
 from apb_jax import profiling as prof
 from apb_jax.profiling import IDLE, RULES, Rule, attribute, classify, parse_hlo
-from tests.scripts import load_script
 
 HLO = """HloModule jit_host, entry_computation_layout={(bf16[8,128]{1,0})->bf16[8,128]{1,0}}
 
@@ -341,20 +340,33 @@ def test_profile_of_a_scoped_function_on_the_cpu():
     json.dumps(res)
 
 
-def test_profile_prefill_smoke(tmp_path, capsys):
-    """The script on the replayed busiest-host prefill of the tiny model: APB with retaining heads (scores, top-k,
-    gather, concat), Star (the query-aware compressor's scores are tested above, in the scoped function)."""
-    script = load_script("benchmarks/profile_prefill.py")
-    argv = ["--smoke", "--compressors", "retaining_heads", "--out-dir", str(tmp_path)]
-    assert script.main(argv) == 0
+def test_bench_profile_smoke(tmp_path, capsys):
+    """`apb-jax bench --smoke --profile` on the replayed busiest-host prefill of the tiny model: APB with retaining
+    heads (scores, top-k, gather, concat) and Star, every category sums to the profiled run."""
+    from apb_jax.bench.prefill import main
+
+    argv = [
+        "--smoke",
+        "--profile",
+        "--strategies",
+        "apb,star",
+        "--compressors",
+        "retaining_heads",
+        "--real",
+        "no",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "smoke ok" in printed and "idle/gaps" in printed
-    (path,) = tmp_path.glob("profile_*.json")
+    assert "smoke ok" in printed and "where the replayed document prefill's time goes" in printed
+    (path,) = tmp_path.glob("prefill_*.json")
     doc = json.loads(path.read_text())
-    assert doc["status"] == "complete" and doc["jax_version"] and doc["device"]["name"] and doc["date"]
-    assert doc["argv"] == argv
-    assert [r["name"] for r in doc["rows"]] == ["apb-rh H=4 L=512", "star H=4 L=512"]
-    for r in doc["rows"]:
+    rows = [r for r in doc["rows"] if "model_depth" in r]
+    assert sorted(r["name"] for r in rows) == ["apb-rh H=4 L=512", "star H=4 L=512"]
+    for r in rows:
         p = r["profile"]
         assert r["replayed_host"] == 3 and p["wall_s"] > 0 and p["top_kernels"]
         assert sum(p["categories"].values()) == pytest.approx(p["profiled_wall_s"], rel=1e-9)
+    apb = next(r for r in rows if r["strategy"] == "apb")
+    assert apb["profile"]["categories"]["compression_scoring"] > 0 and apb["profile"]["categories"]["topk_gather"] > 0

@@ -15,6 +15,7 @@ saves an HF tokenizer directory: `tokenizer.json` and `tokenizer_config.json` ho
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,46 @@ def load(path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def tiny_config(tok, layers: int = 1):
+    from apb_jax.config import ModelConfig, RopeConfig
+
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=layers,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope=RopeConfig(theta=1e4),
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_ids=(tok.eos_token_id,),
+        dtype="float32",
+    )
+
+
+def write_model_dir(path, tok_dir, cfg):
+    """An HF Llama directory (config.json, model.safetensors, the tokenizer) of a random tiny model."""
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from converters.hf_to_flax import flax_to_hf_name
+
+    path.mkdir()
+    from apb_jax import Model
+
+    m = Model.random(cfg, dtype="float32", seed=1)
+    tensors = {}
+    for p, var in nnx.to_flat_state(m.params):
+        arr = np.asarray(var.get_value() if hasattr(var, "get_value") else var.value, np.float32)
+        tensors[flax_to_hf_name(tuple(p))] = np.ascontiguousarray(arr.T if p[-1] == "kernel" else arr)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / f, path / f)
+    return path

@@ -34,9 +34,9 @@ from apb_jax.prompting import PromptRenderer
 
 def strategy_names() -> tuple[str, ...]:
     """The strategies an Engine accepts: the one place the runner and the CLI look them up."""
-    from apb_jax.config import STRATEGIES
+    from apb_jax import strategies
 
-    return tuple(STRATEGIES)
+    return strategies.names()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from apb_jax.compression import gather_kv, query_aware_scores, retaining_head_scores, select_top
+from apb_jax.config import PASS_ALL
 from apb_jax.layout import Layout, block_len
 from apb_jax.models.llama import AttentionFn, AttnCall
 from apb_jax.strategies.base import (
@@ -46,7 +47,10 @@ class Apb(Strategy):
             return Layout(self.name, 1, doc_len, query_len, block)
         need = config.q_insert + query_len + 1  # doc[:q_insert] + query + at least one more document token
         a = anchor_len_for(config, doc_len, query_len, block, default=math.ceil(doc_len / 32), need=need)
-        p = min(math.ceil(doc_len / 64), block) if config.passing_len is None else config.passing_len
+        if config.passing_len is None:
+            p = min(math.ceil(doc_len / 64), block)
+        else:
+            p = block if config.passing_len == PASS_ALL else config.passing_len
         if not 0 <= p <= block:
             raise ValueError(f"passing_len={p} must be in [0, {block}] {where(block, doc_len, hosts)}")
         if a == 0 and 0 < p < block and config.compressor == "query_aware":
