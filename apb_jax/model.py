@@ -95,8 +95,9 @@ def load_tokenizer(path):
 
 def forward_logits(graphdef, params, ids: jax.Array, attention_backend: str | None = None) -> jax.Array:
     """int32 [batch, seq] -> float32 logits [batch, seq, vocab]: positions 0.., full causal attention (traceable:
-    `Model.logits` jits it, training differentiates it).  `attention_backend` None lets the dispatcher choose; to
-    differentiate on a GPU pass "cudnn" (the Pallas kernels have no backward pass; the CPU default has one)."""
+    `Model.logits` jits it, training differentiates it).  `attention_backend` None lets the dispatcher choose (the
+    Mosaic kernel on a Hopper GPU); to differentiate on a GPU pass "cudnn" (the Pallas kernels are forward-only; the
+    CPU default has a backward pass)."""
     module = nnx.merge(graphdef, params)
     pos = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
     hidden, _ = module(ids, pos, lambda call: causal_attention(call, attention_backend), rope_seq_len=ids.shape[1])

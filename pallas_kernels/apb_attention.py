@@ -126,14 +126,12 @@ def choose_backend(c: Call) -> tuple[str, str]:
         return "xla", f"the blocked XLA path is the fastest off a GPU ({c.platform})"
     if c.tq < SMALL_TQ:
         return "xla", f"{c.tq} query rows: a kernel's {SMALL_TQ}-row tile would be nearly empty"
+    why_not = cannot_serve("mosaic", c) if c.hopper else "this GPU is not a Hopper"
+    if why_not is None:
+        return "mosaic", "Hopper, bf16/f16: the Mosaic-GPU kernel"
     if cannot_serve("cudnn", c) is None:
-        return "cudnn", "plain causal attention without LSE: cuDNN flash attention (differentiable)"
-    if c.hopper:
-        why = cannot_serve("mosaic", c)
-        if why is None:
-            return "mosaic", "Hopper, bf16/f16: the Mosaic-GPU kernel"
-        return "triton", f"not the Mosaic kernel because {why}"
-    return "triton", "a non-Hopper GPU: the Pallas-Triton kernel"
+        return "cudnn", f"plain causal attention without LSE, and not the Mosaic kernel because {why_not}"
+    return "triton", f"the Pallas-Triton kernel, not the Mosaic kernel because {why_not}"
 
 
 @functools.cache

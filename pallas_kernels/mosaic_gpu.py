@@ -61,9 +61,9 @@ def _kernel(
     has_kvv,
 ):
     if has_kvv:
-        kvv_ref, o_ref, lse_ref = refs
+        kvv_ref, kvb_ref, o_ref, lse_ref = refs
     else:
-        kvv_ref = None
+        kvv_ref = kvb_ref = None
         o_ref, lse_ref = refs
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -162,10 +162,9 @@ def _kernel(
                         vis = vis & key_mask()
                     return jnp.where(vis, sc, _MASK)
 
-            if has_kvv:
-                sc = apply_mask()
-            else:
-                sc = lax.cond(need, apply_mask, lambda: sc)
+            if has_kvv:  # a key block with an invalid key needs the per-element mask; the rest only where cut
+                need = need | (kvb_ref[bi, lax.div(key_start(s), block_k)] == 0)
+            sc = lax.cond(need, apply_mask, lambda: sc)
             m_new = jnp.maximum(m_i, sc.max(axis=1) * c)
             alpha = jnp.exp2(m_i - m_new)
             p = jnp.exp2(sc * c - bcast_rows(m_new, sc.shape))
@@ -268,8 +267,9 @@ def apb_attention_mosaic(
     pv = jnp.clip(jnp.asarray(passing_valid, jnp.int32), 0, pk).reshape(1)
     args = [pv, q, k, v]
     has_kvv = kv_valid is not None
-    if has_kvv:  # padded keys are invalid
-        args.append(jnp.pad(kv_valid.astype(jnp.int32), ((0, 0), (0, tk_pad - pk_pad - tq))))
+    if has_kvv:  # padded keys are invalid; kvb: 1 where a whole key block is valid (no per-element mask needed)
+        kvv = jnp.pad(kv_valid.astype(jnp.int32), ((0, 0), (0, tk_pad - pk_pad - tq)))
+        args += [kvv, kvv.reshape(b, tk_pad // block_k, block_k).min(axis=-1)]
     dtype = q.dtype
     swizzle = 128
     tiling = (8, swizzle // jnp.dtype(dtype).itemsize)

@@ -79,11 +79,11 @@ def _kernel(
 
     m_end_rows = m_end_of(rows)
     m_hi = lax.div(m_end_of(r_last) + (block_k - 1), block_k)
-    m_full = 0 if has_kvv else lax.div(m_end_of(r0), block_k)
+    m_full = lax.div(m_end_of(r0), block_k)
     has_local = r_last >= anchor_len
     all_local = r0 >= anchor_len
     p_hi = jnp.where(has_local, lax.div(pv + (block_k - 1), block_k), 0)
-    p_full = 0 if has_kvv else jnp.where(all_local, lax.div(pv, block_k), 0)
+    p_full = jnp.where(all_local, lax.div(pv, block_k), 0)
 
     q = q_ref[...]
     d = q.shape[-1]
@@ -121,8 +121,18 @@ def _kernel(
         jnp.full((block_q,), -jnp.inf, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    main = lambda masked: lambda j, c: body(pk + j * block_k, c, masked=masked, seg="main")
-    pas = lambda masked: lambda j, c: body(j * block_k, c, masked=masked, seg="pass")
+
+    def block(start, c, *, masked, seg):
+        if masked or kvv_ref is None:
+            return body(start, c, masked=masked, seg=seg)
+        # the ranges leave this block whole: it needs the per-element mask only if it holds an invalid key
+        holey = jnp.min(kvv_ref[pl.ds(start, block_k)]) == 0
+        return lax.cond(
+            holey, lambda c: body(start, c, masked=True, seg=seg), lambda c: body(start, c, masked=False, seg=seg), c
+        )
+
+    main = lambda masked: lambda j, c: block(pk + j * block_k, c, masked=masked, seg="main")
+    pas = lambda masked: lambda j, c: block(j * block_k, c, masked=masked, seg="pass")
     carry = lax.fori_loop(0, m_full, main(False), carry)
     carry = lax.fori_loop(m_full, m_hi, main(True), carry)
     carry = lax.fori_loop(0, p_full, pas(False), carry)

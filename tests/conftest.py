@@ -1,12 +1,31 @@
-"""Test setup: four fake CPU devices, set before jax is imported anywhere."""
+"""Test setup: four fake CPU devices, set before jax is imported anywhere.
+
+With APB_TEST_GPU=1 (the GPU tests, see the README's "Development") jax may use the GPU; compiles are kept short
+(no GEMM autotuning: the tests check values, not speed), CUDA command buffers are off (instantiating CUDA graphs
+for many small programs ran out of memory under parallel workers), and compiled programs are cached on disk so
+pytest workers and reruns share them.
+"""
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-if not os.environ.get("APB_TEST_GPU"):  # the GPU test files set APB_TEST_GPU=1 on a GPU machine
+GPU_TESTS = bool(os.environ.get("APB_TEST_GPU"))
+if GPU_TESTS:
+    os.environ["XLA_FLAGS"] += " --xla_gpu_autotune_level=0 --xla_gpu_enable_command_buffer="
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+else:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
-import jax
+import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+if GPU_TESTS:
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("APB_TEST_CACHE", "/tmp/apb_jax_test_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No test collected is a failure, not pytest's quiet exit 5: a typo in a path or marker must not pass CI."""
+    if exitstatus == 5:
+        session.exitstatus = 1

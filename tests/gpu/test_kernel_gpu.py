@@ -1,27 +1,16 @@
 """The CPU kernel cases on the real backends (Pallas-Triton, and Mosaic-GPU on Hopper).
 
-Skipped without a GPU. Run on a GPU machine with
-  APB_TEST_GPU=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    python -m pytest tests/gpu/test_kernel_gpu.py -v -n 12 -p no:cacheprovider
-(-v so every result line names its test even if a time limit cuts the run short).
-APB_TEST_MOSAIC_KV=1 also runs the Mosaic kernel's kv_valid path on its own (the dispatcher
-uses it by default: pallas_kernels.apb_attention.MOSAIC_KV_VALID).
-(the conftest then leaves JAX_PLATFORMS alone). f32 runs on Triton with IEEE dots, so the
-CPU tolerances hold; Mosaic-GPU takes bf16/f16 only, so its f32 cases are skipped.
+Skipped without a GPU; how to run the GPU tests is in the README ("Development").  f32 runs on Triton with IEEE
+dots, so the CPU tolerances hold; a case a backend cannot serve (Mosaic: f32) must be refused with a ValueError.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import jax
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from test_kernel import CASES, check_case
-
 from pallas_kernels.apb_attention import _is_hopper
+from tests.test_kernel import CASES, check_case
 
 
 def _gpu():
@@ -39,8 +28,27 @@ BACKENDS = ["triton"] + (["mosaic"] if GPU is not None and _is_hopper(GPU) else 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_gpu_backend_matches_reference(case, backend):
-    if backend == "mosaic" and case.dtype == "float32":
-        pytest.skip("Mosaic-GPU kernel takes bf16/f16 only")
+    """Every case on every kernel backend of this GPU; a case the backend cannot serve must be refused by name."""
+    import jax.numpy as jnp
+
+    from pallas_kernels.apb_attention import Call, cannot_serve
+
+    call = Call(
+        platform="gpu",
+        hopper=_is_hopper(GPU),
+        dtype=jnp.dtype(case.dtype),
+        head_dim=case.head_dim,
+        tq=case.anchor + case.local,
+        pk=case.passing,
+        anchor_len=case.anchor,
+        has_kv_valid=case.kv_valid != "none",
+        need_lse=True,
+    )
+    why = cannot_serve(backend, call)
+    if why is not None:
+        with pytest.raises(ValueError, match=f"backend={backend!r} cannot serve this call"):
+            check_case(case, backend)
+        return
     check_case(case, backend)
 
 
@@ -57,9 +65,9 @@ def test_gpu_backend_under_shard_map_with_traced_passing_valid(backend):
     import numpy as np
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
-    from test_kernel import rel_err
 
     from pallas_kernels import apb_attention, apb_attention_reference
+    from tests.test_kernel import rel_err
 
     mesh = Mesh(np.array(jax.devices("gpu")[:1]), ("sp",))
     rng = np.random.default_rng(1)
@@ -76,18 +84,3 @@ def test_gpu_backend_under_shard_map_with_traced_passing_valid(backend):
     ref_o, ref_lse = apb_attention_reference(q, k, v, anchor_len=a, passing_valid=per_host)
     assert rel_err(out.astype(jnp.float32), ref_o) <= 1e-2
     assert rel_err(lse, ref_lse) <= 1e-2
-
-
-@pytest.mark.skipif(
-    not os.environ.get("APB_TEST_MOSAIC_KV") or "mosaic" not in BACKENDS,
-    reason="set APB_TEST_MOSAIC_KV=1 on a Hopper GPU",
-)
-@pytest.mark.parametrize(
-    "case", [c for c in CASES if c.kv_valid != "none" and c.dtype != "float32"], ids=lambda c: c.id
-)
-def test_mosaic_kv_valid_path(case, monkeypatch):
-    import importlib
-
-    dispatch = importlib.import_module("pallas_kernels.apb_attention")  # the module, not the function
-    monkeypatch.setattr(dispatch, "MOSAIC_KV_VALID", True)
-    check_case(case, "mosaic")

@@ -53,7 +53,7 @@ import pytest
 
 from apb_jax import Engine, Model, ModelConfig
 from apb_jax.parallel import make_mesh
-from converters.retaining_heads import random_retaining_heads
+from apb_jax.retaining_heads import random_retaining_heads
 from pallas_kernels.apb_attention import _is_hopper, default_backend
 
 
@@ -360,9 +360,10 @@ def test_decode_with_cross_host_merge_equals_single_device(model, full, prompt, 
     p_h, p_1 = e_h.prefill(doc, q, extra_tail=8), e_1.prefill(doc, q, extra_tail=8)
     check_on_devices(p_h, hosts)
     tok = np.argmax(p_1.logits, -1)[:, None].astype(np.int32)
+    c_h, c_1 = p_h.cache, p_1.cache
     for _ in range(3):
-        l_h, _, _ = e_h._step(p_h.cache, tok)
-        l_1, _, _ = e_1._step(p_1.cache, tok)
+        c_h, l_h = e_h.step(c_h, tok)
+        c_1, l_1 = e_1.step(c_1, tok)
         finite(l_h, l_1)
         np.testing.assert_allclose(l_h, l_1, **F32_TOL)
         tok = np.argmax(l_1, -1)[:, None].astype(np.int32)
