@@ -101,11 +101,6 @@ def cannot_serve(backend: str, c: Call) -> str | None:
             return f"dtype {c.dtype} is not supported (bfloat16, float16); use backend='triton'"
         if c.head_dim not in _KERNEL_HEAD_DIMS["mosaic"]:
             return f"head_dim D={c.head_dim} is not supported; supported: {_KERNEL_HEAD_DIMS['mosaic']}"
-        if c.head_dim != 128 and c.anchor_len > 0 and c.pk > 0:
-            return (
-                f"head_dim {c.head_dim} with both an anchor and a passing block gives NaN on this kernel "
-                "(an open bug); use backend='triton'"
-            )
     if backend in ("triton", "interpret") and c.head_dim not in _KERNEL_HEAD_DIMS[backend]:
         return f"head_dim D={c.head_dim} is not supported; supported: {_KERNEL_HEAD_DIMS[backend]}"
     if backend == "cudnn":
@@ -275,42 +270,38 @@ def apb_attention(
     elif backend == "xla":
         bs = block_sizes or BlockSizes.get_default(backend, d, q.shape[1])
         out, lse = _xla(q, k, v, pv, kvv, anchor_len, causal, scale, bs.block_q, bs.block_k)
-    elif backend == "mosaic":
-        from pallas_kernels import mosaic_gpu  # lazy: never needed (or importable) on CPU
-
-        bs = block_sizes or BlockSizes.get_default(backend, d)
-        out, lse = mosaic_gpu.apb_attention_mosaic(
-            q,
-            k,
-            v,
-            pv,
-            kvv,
-            anchor_len=anchor_len,
-            causal=causal,
-            sm_scale=scale,
-            block_q=bs.block_q,
-            block_k=bs.block_k,
-            num_stages=bs.num_stages or 2,
-        )
     else:
-        from pallas_kernels.portable import apb_attention_portable
-
         bs = block_sizes or BlockSizes.get_default(backend, d)
-        out, lse = apb_attention_portable(
-            q,
-            k,
-            v,
-            pv,
-            kvv,
-            anchor_len=anchor_len,
-            causal=causal,
-            sm_scale=scale,
-            block_q=bs.block_q,
-            block_k=bs.block_k,
-            interpret=backend == "interpret",
-            num_warps=bs.num_warps,
-            num_stages=bs.num_stages,
-        )
+        if backend == "mosaic":
+            from pallas_kernels import mosaic_gpu  # lazy: never needed (or importable) on CPU
+
+            kernel = functools.partial(
+                mosaic_gpu.apb_attention_mosaic,
+                anchor_len=anchor_len,
+                causal=causal,
+                sm_scale=scale,
+                block_q=bs.block_q,
+                block_k=bs.block_k,
+                num_stages=bs.num_stages or 2,
+            )
+        else:
+            from pallas_kernels.portable import apb_attention_portable
+
+            kernel = functools.partial(
+                apb_attention_portable,
+                anchor_len=anchor_len,
+                causal=causal,
+                sm_scale=scale,
+                block_q=bs.block_q,
+                block_k=bs.block_k,
+                interpret=backend == "interpret",
+                num_warps=bs.num_warps,
+                num_stages=bs.num_stages,
+            )
+        if kvv is None:
+            out, lse = kernel(q, k, v, pv, None)
+        else:  # a kv_valid that is all true at run time (e.g. every APB host but the first) costs nothing
+            out, lse = jax.lax.cond(jnp.all(kvv), lambda: kernel(q, k, v, pv, None), lambda: kernel(q, k, v, pv, kvv))
     if not return_lse:
         lse = None
     if unbatched:

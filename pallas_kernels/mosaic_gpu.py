@@ -27,7 +27,12 @@ from pallas_kernels.mask import cdiv, pad_passing
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-_MASK = -1e30  # finite, so fully masked rows never produce inf - inf
+# Scores are scaled (by scale * log2 e) before masking, so a masked score is exactly _MASK: a row with every key of
+# a block masked gets exp2(_MASK - _MASK) = 1, finite, and its first visible key later rescales it by exp2(-huge) = 0.
+# (Masking the raw score and scaling after let the compiler fuse `score * c - max` into an FMA whose rounding
+# residue is about +-1e22 for a masked score: exp2 of that is inf, and inf * 0 made NaN in every anchor row that met
+# a passing block; at head_dim 64 the residue was positive, at 128 it happened to be negative.)
+_MASK = -1e30
 _COMPUTE_WGS = 2
 
 
@@ -146,7 +151,7 @@ def _kernel(
                     vis = (keys < pv) & (rows >= anchor_len)
                     if has_kvv:
                         vis = vis & key_mask()
-                    return jnp.where(vis, sc, _MASK)
+                    return jnp.where(vis, s_c, _MASK)
             else:
                 j0 = (s - n_p) * block_k
                 need = j0 + block_k > m_full_keys
@@ -160,14 +165,15 @@ def _kernel(
                         vis = (keys <= rows) | ((rows >= anchor_len) & (keys < tq))
                     if has_kvv:
                         vis = vis & key_mask()
-                    return jnp.where(vis, sc, _MASK)
+                    return jnp.where(vis, s_c, _MASK)
 
             if has_kvv:  # a key block with an invalid key needs the per-element mask; the rest only where cut
                 need = need | (kvb_ref[bi, lax.div(key_start(s), block_k)] == 0)
-            sc = lax.cond(need, apply_mask, lambda: sc)
-            m_new = jnp.maximum(m_i, sc.max(axis=1) * c)
+            s_c = sc * c
+            s_c = lax.cond(need, apply_mask, lambda: s_c)
+            m_new = jnp.maximum(m_i, s_c.max(axis=1))
             alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(sc * c - bcast_rows(m_new, sc.shape))
+            p = jnp.exp2(s_c - bcast_rows(m_new, s_c.shape))
             acc = acc * bcast_rows(alpha, acc.shape)
             l_i = l_i * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
@@ -193,7 +199,7 @@ def _kernel(
         acc, m_i, l_i = lax.fori_loop(n_p, n_steps, functools.partial(step, seg="main"), carry)
         pl.when(wg == 0)(sched_sync)
 
-        valid = m_i > 0.5 * _MASK * c
+        valid = m_i > 0.5 * _MASK
         l_safe = jnp.where(valid, l_i, 1.0)
         inv = jnp.where(valid, 1.0 / l_safe, 0.0)
         acc = acc * bcast_rows(inv, acc.shape)
