@@ -429,8 +429,8 @@ def _split_offsets(
     rng: np.random.Generator, split: str, hosts: int, length: int, n_filler: int, n_stmt: int
 ) -> tuple[int, int]:
     """Filler offsets (open, value) of the asked record that put its open statement wholly in
-    one host block and its value statement wholly in one block as `split` asks, wherever the
-    other statements fall (up to n_stmt - 16 other statement tokens may precede either)."""
+    one host block and its value statement wholly in one block as `split` asks, however many
+    of the n_stmt statement tokens end up before them."""
     block = -(-length // hosts)
     if split == "same_host":
         pairs = [(h, h) for h in range(hosts)]
