@@ -6,8 +6,8 @@ Every example is `(document, query, answer)` as int32 token ids (text on demand)
               SYSTEM_PREFIX; APB's default q_insert=16 puts the query right after it)
               then filler sentences (`bako temu ... .`) with the needle statements inside,
               exactly `length` tokens in all.
-    query     ends where the model starts answering (with `ANS`, or for multikey with the
-              needle's own words up to its value).
+    query     ends where the model starts answering (with `ANS`; for multikey with the
+              needle's own words up to its value; for deferred binding with `IS`).
     answer    the exact continuation, ending with `</s>`.
 
 Tasks (needle statement / query / answer):
@@ -19,6 +19,9 @@ Tasks (needle statement / query / answer):
                                                     QRY VAR = 3 1 4 1 5 ANS   EJ NC WA </s>
                        (num_chains chains of num_hops copies; the answer lists every variable
                        equal to the value in the order they are assigned in the document)
+    deferred_binding   KEY apple river = VAR QX .  ...  VAR QX IS 4 8 2 1 3 .
+                                                    QRY KEY apple river IS    4 8 2 1 3 </s>
+                       (num_records records over num_handles handles; see below)
 
 Values are 5-digit numbers (10000..99999, one token per digit), distinct within a document;
 key pairs are distinct ordered pairs of two different key words; variable names are distinct.
@@ -32,10 +35,36 @@ has it, the lookup an induction head does. Two earlier layouts ended the query w
 either: the first digit stayed at chance through runs 1-5 (training/results/multikey_probes.json),
 while this layout went from chance to 99% within 300 fine-tuning steps (run 6).
 
-Depth: the queried needle (for variable tracking, the chain's first statement) is preceded by
-`round(depth * F)` of the document's F filler tokens; `depth=None` draws it uniformly. Other
-needles go to uniform random depths; a chain's later statements to sorted uniform depths after
-its first one.
+Depth: the queried needle (for variable tracking, the chain's first statement; for deferred
+binding, the record's open statement) is preceded by `round(depth * F)` of the document's F
+filler tokens; `depth=None` draws it uniformly. Other needles go to uniform random depths; a
+chain's later statements to sorted uniform depths after its first one.
+
+Deferred binding is the task whose answer must be bound while the document is prefilled,
+across host blocks. A record is opened by `KEY k1 k2 = VAR X .` on a handle X (a variable
+name) and gets its value later, with no repeat of the key, from `VAR X IS d1..d5 .`. The value
+statement belongs to the most recent open statement of its handle. Handles are reused: each
+names at least two records, which alternate open, value, open, value in document order, while
+the records of different handles interleave. Two handles, six records (the defaults), e.g.
+
+    KEY apple river = VAR QX .   KEY lemon tiger = VAR BK .   VAR QX IS 4 8 2 1 3 .
+    KEY jade coral = VAR QX .    VAR BK IS 7 0 2 6 5 .        VAR QX IS 1 9 9 3 0 .  ...
+
+binds apple river -> 48213, lemon tiger -> 70265, jade coral -> 19930. Neither a handle (it
+names several records, with different values) nor the nearest open statement before a value
+(often another handle's) identifies the record: only the rule does, and it needs the order of
+the statements. The question `QRY KEY apple river IS` names the key; the answer is its value.
+
+Why it separates the strategies: at decode time the query attends every host's cache exactly,
+in every strategy, but the value statement's K/V were computed at prefill. Its tokens know
+their key only if, then, they attended to the open statement. Under Star Attention a host sees
+the first block (its anchor) and its own block; when the open statement sits in a later block
+than the first and the value statement in a later block still ("cross_host", hosts >= 3), the
+value's rows cannot see the key, and the query finds no value bound to it. Full and ring
+attention see it; APB sees it when its passing blocks carry the open statement.
+`deferred_binding(..., split=, hosts=)` places the asked record "same_host", "key_in_anchor"
+or "cross_host" for a host count, and `host_split(example, hosts)` reports where any example's
+record falls, so an accuracy run can report the two cases apart.
 
 `sample_batch` packs several needles and as many queries into each training sequence (dense
 supervision, APB_SPEC.md §10) and returns `tokens` with a `loss_mask` over the answers.
@@ -63,7 +92,8 @@ from apb_jax.tokenizer import (
     token_id,
 )
 
-TASKS: tuple[str, ...] = ("passkey", "multikey_niah", "variable_tracking")
+TASKS: tuple[str, ...] = ("passkey", "multikey_niah", "variable_tracking", "deferred_binding")
+DEFERRED_SPLITS: tuple[str, ...] = ("same_host", "key_in_anchor", "cross_host")
 SYSTEM_PREFIX: tuple[str, ...] = (
     "<s>",
     "SYS",
@@ -88,6 +118,8 @@ VALUE_DIGITS = 5
 SENTENCE_LEN = (6, 13)  # filler sentence length in tokens, including its '.'
 
 _DOT, _EQ = token_id("."), token_id("=")
+_OPEN_LEN, _VALUE_LEN = 7, 9  # deferred_binding: KEY k1 k2 = VAR X .  /  VAR X IS d1..d5 .
+_DEFERRED_RECORD_TOKENS = _OPEN_LEN + _VALUE_LEN + 5 + 6  # the two statements, QRY KEY k1 k2 IS, d1..d5 </s>
 _KEY, _IS, _QRY, _ANS = token_id("KEY"), token_id("IS"), token_id("QRY"), token_id("ANS")
 _VAR, _PASSKEY = token_id("VAR"), token_id("PASSKEY")
 _DIGIT_IDS = np.array([token_id(str(d)) for d in range(10)], np.int32)
@@ -108,10 +140,12 @@ class Example:
     """One task instance. Arrays are read-only int32 token ids.
 
     document: [length], starts with SYSTEM_PREFIX (so `<s>` first).
-    query: [q_len], ends where the answer starts (with `ANS`; multikey: `QRY KEY k1 k2`).
+    query: [q_len], ends where the answer starts (with `ANS`; multikey: `QRY KEY k1 k2`;
+        deferred binding: `QRY KEY k1 k2 IS`).
     answer: [a_len], the exact expected continuation, ending with `</s>`.
     needle_positions: start index in `document` of each statement of the queried needle
-        (one for passkey/multikey; the chain's statements in order for variable tracking).
+        (one for passkey/multikey; the chain's statements in order for variable tracking;
+        the record's open then value statement for deferred binding).
     depth: the depth the queried needle was placed at, in [0, 1].
     """
 
@@ -174,16 +208,22 @@ def _passkey_items(rng: np.random.Generator, n: int) -> list[_Item]:
     return [_Item((needle,), query, np.append(value, EOS_ID).astype(np.int32))]
 
 
-def _multikey_items(rng: np.random.Generator, n: int) -> list[_Item]:
-    if not 1 <= n <= _NUM_KEY_PAIRS:
-        raise ValueError(f"num_keys={n} must be in [1, {_NUM_KEY_PAIRS}]")
+def _key_pairs(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n distinct ordered pairs of two different key words: (first ids [n], second ids [n])."""
     pairs = rng.choice(_NUM_KEY_PAIRS, size=n, replace=False)
     first = pairs // (len(KEY_WORDS) - 1)
     second = pairs % (len(KEY_WORDS) - 1)
     second = second + (second >= first)  # skip k1 == k2
+    return _KEY_IDS[first], _KEY_IDS[second]
+
+
+def _multikey_items(rng: np.random.Generator, n: int) -> list[_Item]:
+    if not 1 <= n <= _NUM_KEY_PAIRS:
+        raise ValueError(f"num_keys={n} must be in [1, {_NUM_KEY_PAIRS}]")
+    first, second = _key_pairs(rng, n)
     values = _values(rng, n)
     items = []
-    for a, b, value in zip(_KEY_IDS[first], _KEY_IDS[second], values):
+    for a, b, value in zip(first, second, values):
         needle = np.concatenate([[_KEY, a, b], value, [_DOT]]).astype(np.int32)
         query = np.array([_QRY, _KEY, a, b], np.int32)
         items.append(_Item((needle,), query, np.append(value, EOS_ID).astype(np.int32)))
@@ -226,23 +266,35 @@ def _filler(rng: np.random.Generator, n: int) -> np.ndarray:
     return words
 
 
-def _assemble(
-    rng: np.random.Generator, length: int, statements: Sequence[np.ndarray], depths: Sequence[float]
-) -> tuple[np.ndarray, list[int]]:
-    """SYSTEM_PREFIX + filler with `statements` inserted; exactly `length` tokens.
-
-    Statement i is preceded by round(depths[i] * F) of the F filler tokens; ties keep input
-    order. Returns (document [length] int32, start index of each statement, input order).
-    """
+def _filler_count(length: int, statements: Sequence[np.ndarray]) -> int:
+    """F, the filler tokens of a `length`-token document holding `statements` (ValueError if < 0)."""
     n_stmt = sum(len(s) for s in statements)
-    n_filler = length - PREFIX_LEN - n_stmt
-    if n_filler < 0:
+    if length - PREFIX_LEN - n_stmt < 0:
         raise ValueError(
             f"length={length} is too short: needs at least {PREFIX_LEN + n_stmt} tokens "
             f"(prefix {PREFIX_LEN} + needle statements {n_stmt})"
         )
+    return length - PREFIX_LEN - n_stmt
+
+
+def _assemble(
+    rng: np.random.Generator,
+    length: int,
+    statements: Sequence[np.ndarray],
+    depths: Sequence[float] | None = None,
+    *,
+    offsets: Sequence[int] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """SYSTEM_PREFIX + filler with `statements` inserted; exactly `length` tokens.
+
+    Statement i is preceded by offsets[i] of the F filler tokens (or round(depths[i] * F));
+    ties keep input order. Returns (document [length] int32, start index of each statement,
+    input order).
+    """
+    n_filler = _filler_count(length, statements)
     filler = _filler(rng, n_filler)
-    offsets = [int(np.floor(d * n_filler + 0.5)) for d in depths]
+    if offsets is None:
+        offsets = [int(np.floor(d * n_filler + 0.5)) for d in depths]
     order = sorted(range(len(statements)), key=lambda i: (offsets[i], i))
     pieces, positions = [PREFIX_IDS], [0] * len(statements)
     prev, cursor = 0, PREFIX_LEN
@@ -317,7 +369,210 @@ def variable_tracking(
     return _example("variable_tracking", rng, length, depth, _vt_items(rng, [num_hops] * num_chains))
 
 
-_GENERATORS = {"passkey": passkey, "multikey_niah": multikey_niah, "variable_tracking": variable_tracking}
+def _deferred_items(rng: np.random.Generator, n: int, num_handles: int) -> tuple[list[_Item], np.ndarray]:
+    """n records shared out evenly over `num_handles` handles (distinct variable names).
+
+    Returns (items, slots): item i has statements (open, value) = (`KEY k1 k2 = VAR X .`,
+    `VAR X IS d1..d5 .`), query `QRY KEY k1 k2 IS`, answer `d1..d5 </s>`; slots [n] int is
+    the handle index of each record.
+    """
+    first, second = _key_pairs(rng, n)
+    values = _values(rng, n)
+    names = _VAR_IDS[rng.choice(len(VAR_NAMES), size=num_handles, replace=False)]
+    slots = rng.permutation(np.arange(n) % num_handles)
+    items = []
+    for a, b, value, slot in zip(first, second, values, slots):
+        opening = np.array([_KEY, a, b, _EQ, _VAR, names[slot], _DOT], np.int32)
+        binding = np.concatenate([[_VAR, names[slot], _IS], value, [_DOT]]).astype(np.int32)
+        query = np.array([_QRY, _KEY, a, b, _IS], np.int32)
+        assert len(opening) == _OPEN_LEN and len(binding) == _VALUE_LEN
+        items.append(_Item((opening, binding), query, np.append(value, EOS_ID).astype(np.int32)))
+    return items, slots
+
+
+def _deferred_offsets(
+    rng: np.random.Generator, slots: np.ndarray, n_filler: int, fixed: tuple[int, int] | None
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """Filler offsets of every record's open and value statements, alternating per handle.
+
+    The records of one handle come in a random order as open, value, open, value, ... at sorted
+    uniform offsets in [0, n_filler]. fixed: (open, value) offsets of record 0; the other records
+    of its handle go before its open or after its value. Returns (refs, offsets): refs are
+    (record, 0 for open | 1 for value) in input order, which within a handle is document order,
+    so `_assemble`'s stable sort keeps the alternation at equal offsets.
+    """
+    refs: list[tuple[int, int]] = []
+    offsets: list[int] = []
+    for slot in range(int(slots.max()) + 1):
+        recs = [int(i) for i in rng.permutation(np.flatnonzero(slots == slot))]
+        if fixed is not None and 0 in recs:
+            recs.remove(0)
+            before = int(rng.integers(0, len(recs) + 1))
+            o_open, o_value = fixed
+            offs = np.concatenate(
+                [
+                    np.sort(rng.integers(0, o_open + 1, size=2 * before)),
+                    [o_open, o_value],
+                    np.sort(rng.integers(o_value, n_filler + 1, size=2 * (len(recs) - before))),
+                ]
+            )
+            recs.insert(before, 0)
+        else:
+            offs = np.sort(rng.integers(0, n_filler + 1, size=2 * len(recs)))
+        for j, r in enumerate(recs):
+            refs += [(r, 0), (r, 1)]
+            offsets += [int(offs[2 * j]), int(offs[2 * j + 1])]
+    return refs, offsets
+
+
+def _split_offsets(
+    rng: np.random.Generator, split: str, hosts: int, length: int, n_filler: int, n_stmt: int
+) -> tuple[int, int]:
+    """Filler offsets (open, value) of the asked record that put its open statement wholly in
+    one host block and its value statement wholly in one block as `split` asks, however many
+    of the n_stmt statement tokens end up before them."""
+    block = -(-length // hosts)
+    if split == "same_host":
+        pairs = [(h, h) for h in range(hosts)]
+    elif split == "key_in_anchor":
+        pairs = [(0, h) for h in range(1, hosts)]
+    else:
+        pairs = [(k, v) for k in range(1, hosts) for v in range(k + 1, hosts)]
+
+    def span(blk: int, least_before: int, most_before: int, size: int) -> tuple[int, int]:
+        lo = max(0, blk * block - PREFIX_LEN - least_before)
+        hi = min(n_filler, min((blk + 1) * block, length) - PREFIX_LEN - size - most_before)
+        return lo, hi
+
+    feasible = []
+    for kb, vb in pairs:
+        lo_k, hi_k = span(kb, 0, n_stmt - _OPEN_LEN - _VALUE_LEN, _OPEN_LEN)
+        lo_v, hi_v = span(vb, _OPEN_LEN, n_stmt - _VALUE_LEN, _VALUE_LEN)
+        hi_k = min(hi_k, hi_v)  # the value never precedes its open
+        if lo_k <= hi_k and lo_v <= hi_v:
+            feasible.append((lo_k, hi_k, lo_v, hi_v))
+    if not feasible:
+        raise ValueError(
+            f"length={length} over hosts={hosts} (blocks of {block} tokens) is too short for split={split!r}: "
+            f"the asked record's statements must fit inside its blocks next to up to {n_stmt} statement tokens; "
+            f"use a longer length, fewer hosts or fewer num_records"
+        )
+    lo_k, hi_k, lo_v, hi_v = feasible[int(rng.integers(0, len(feasible)))]
+    o_open = int(rng.integers(lo_k, hi_k + 1))
+    return o_open, int(rng.integers(max(o_open, lo_v), hi_v + 1))
+
+
+def deferred_binding(
+    rng: np.random.Generator,
+    length: int,
+    depth: float | None = None,
+    num_records: int = 6,
+    num_handles: int = 2,
+    split: str | None = None,
+    hosts: int | None = None,
+) -> Example:
+    """`num_records` records over `num_handles` reused handles; the key of record 0 is asked.
+
+    A record is opened by `KEY k1 k2 = VAR X .` and gets its value later from `VAR X IS
+    d1..d5 .`, which binds to the most recent open statement of handle X (see the module
+    docstring). Query `QRY KEY k1 k2 IS`, answer `d1..d5 </s>`. needle_positions = (start of
+    the asked record's open statement, start of its value statement).
+
+    depth: where the asked open statement sits (fraction of the filler before it), None =
+        random; its value goes to a uniform depth after it. Not with `split`.
+    split: None, or one of DEFERRED_SPLITS to place the asked record for `hosts` host blocks
+        of ceil(length / hosts) tokens (`host_split` reports it): "same_host" (hosts >= 1),
+        "key_in_anchor" (hosts >= 2), "cross_host" (hosts >= 3).
+    num_handles >= 1, 2 * num_handles <= num_records <= 1560 (every handle names at least two
+    records, so a handle alone never identifies one). length: document tokens (exact), >=
+    PREFIX_LEN + 16 * num_records, more with `split` (each block must hold the statements).
+    """
+    _check_depth(depth)
+    if not 1 <= num_handles <= len(VAR_NAMES):
+        raise ValueError(f"num_handles={num_handles} must be in [1, {len(VAR_NAMES)}]")
+    if not 2 * num_handles <= num_records <= _NUM_KEY_PAIRS:
+        raise ValueError(
+            f"num_records={num_records} must be in [2 * num_handles, {_NUM_KEY_PAIRS}] = "
+            f"[{2 * num_handles}, {_NUM_KEY_PAIRS}]: every handle must name at least two records"
+        )
+    if split is None:
+        if hosts is not None:
+            raise ValueError(f"hosts={hosts} is only used with split; pass split= too, or leave hosts None")
+    else:
+        if split not in DEFERRED_SPLITS:
+            raise ValueError(f"split={split!r} must be None or one of {DEFERRED_SPLITS}")
+        if depth is not None:
+            raise ValueError(f"depth={depth} and split={split!r} cannot both be set: split places the asked record")
+        least = {"same_host": 1, "key_in_anchor": 2, "cross_host": 3}[split]
+        if hosts is None or hosts < least:
+            raise ValueError(
+                f"split={split!r} needs hosts >= {least}, got hosts={hosts}"
+                + (" (with 2 hosts, block 0 is Star's anchor and there is no later block)" if least == 3 else "")
+            )
+    items, slots = _deferred_items(rng, num_records, num_handles)
+    statements = [s for it in items for s in it.statements]
+    n_filler = _filler_count(length, statements)
+    if split is None:
+        depth = float(rng.uniform()) if depth is None else float(depth)
+        o_open = int(np.floor(depth * n_filler + 0.5))
+        o_value = int(rng.integers(o_open, n_filler + 1))
+    else:
+        o_open, o_value = _split_offsets(rng, split, hosts, length, n_filler, sum(map(len, statements)))
+        depth = o_open / n_filler if n_filler else 0.0
+    refs, offsets = _deferred_offsets(rng, slots, n_filler, (o_open, o_value))
+    doc, positions = _assemble(rng, length, [items[r].statements[k] for r, k in refs], offsets=offsets)
+    where = dict(zip(refs, positions))
+    return Example(
+        task="deferred_binding",
+        document=_ro(doc),
+        query=_ro(items[0].query),
+        answer=_ro(items[0].answer),
+        needle_positions=(where[(0, 0)], where[(0, 1)]),
+        depth=depth,
+    )
+
+
+def host_split(example: Example, hosts: int) -> str:
+    """Where a deferred_binding example's asked record falls for `hosts` host blocks.
+
+    The document of L tokens is split into `hosts` contiguous blocks of ceil(L / hosts) tokens
+    (`parallel.make_layout`); block 0 is also every host's anchor in Star Attention. Returns
+        "same_host"      the open and value statements lie inside one block: every strategy's
+                         value rows attend to the key at prefill;
+        "key_in_anchor"  the open statement inside block 0, the value statement in later
+                         blocks: Star's anchor holds the key (APB's anchor, L/32 by default,
+                         may not);
+        "cross_host"     the open statement inside blocks 1.., the value statement wholly in
+                         later blocks: Star's value rows cannot see the key, only full, ring
+                         and APB (if its passing blocks carry the key) can;
+        "mixed"          anything else (a statement straddles the first block's end or the
+                         block boundary between them); `deferred_binding(split=...)` never
+                         makes it.
+    """
+    if example.task != "deferred_binding":
+        raise ValueError(f"host_split reads deferred_binding examples, got task={example.task!r}")
+    if hosts < 1:
+        raise ValueError(f"hosts={hosts} must be >= 1")
+    block = -(-len(example.document) // hosts)
+    k, v = example.needle_positions
+    kb = {k // block, (k + _OPEN_LEN - 1) // block}
+    vb = {v // block, (v + _VALUE_LEN - 1) // block}
+    if len(kb | vb) == 1:
+        return "same_host"
+    if max(kb) < min(vb):
+        if max(kb) == 0:
+            return "key_in_anchor"
+        if min(kb) >= 1:
+            return "cross_host"
+    return "mixed"
+
+
+_GENERATORS = {
+    "passkey": passkey,
+    "multikey_niah": multikey_niah,
+    "variable_tracking": variable_tracking,
+    "deferred_binding": deferred_binding,
+}
 
 
 def _check_task(task: str) -> None:
@@ -371,6 +626,57 @@ def _task_weights(task_mix: str | Sequence[str] | Mapping[str, float]) -> np.nda
     return w / w.sum()
 
 
+def _too_short(length: int, task: str, what: str, cost: int, budget: int) -> ValueError:
+    return ValueError(
+        f"length={length} is too short for {task}: {what} with its query and answer "
+        f"takes {cost} tokens, at most (length - {PREFIX_LEN}) // 2 = {budget} allowed; "
+        f"use length >= {PREFIX_LEN + 2 * cost}"
+    )
+
+
+def _needle_row(
+    rng: np.random.Generator, task: str, n: int, length: int, budget: int, max_hops: int
+) -> tuple[np.ndarray, list[_Item]]:
+    """A passkey / multikey / variable tracking row: (document, the items asked in order)."""
+    if task == "passkey":
+        items = _passkey_items(rng, 1)
+    elif task == "multikey_niah":
+        items = _multikey_items(rng, n)
+    else:
+        items = _vt_items(rng, [int(h) for h in rng.integers(1, max_hops + 1, size=n)])
+    while len(items) > 1 and sum(it.num_tokens for it in items) > budget:
+        items.pop()
+    if items[0].num_tokens > budget:
+        raise _too_short(length, task, "one needle", items[0].num_tokens, budget)
+    statements, depths = [], []
+    for item in items:
+        statements += item.statements
+        depths += _statement_depths(rng, item, float(rng.uniform()))
+    if task == "multikey_niah":  # as many queries as needles, drawn with replacement
+        asked = [items[i] for i in rng.integers(0, len(items), size=len(items))]
+    else:
+        asked = [items[i] for i in rng.permutation(len(items))]
+    qa_len = sum(len(it.query) + len(it.answer) for it in asked)
+    doc, _ = _assemble(rng, length - qa_len, statements, depths)
+    return doc, asked
+
+
+def _deferred_row(rng: np.random.Generator, n: int, length: int, budget: int) -> tuple[np.ndarray, list[_Item]]:
+    """A deferred_binding row of n >= 2 records (fewer if over budget, at least 2) over a
+    number of handles uniform in [1, n // 2]; n keys asked with replacement."""
+    while n > 2 and n * _DEFERRED_RECORD_TOKENS > budget:
+        n -= 1
+    if n * _DEFERRED_RECORD_TOKENS > budget:
+        raise _too_short(length, "deferred_binding", "two records", 2 * _DEFERRED_RECORD_TOKENS, budget)
+    items, slots = _deferred_items(rng, n, int(rng.integers(1, n // 2 + 1)))
+    asked = [items[i] for i in rng.integers(0, n, size=n)]
+    doc_len = length - sum(len(it.query) + len(it.answer) for it in asked)
+    statements = [s for it in items for s in it.statements]
+    refs, offsets = _deferred_offsets(rng, slots, _filler_count(doc_len, statements), None)
+    doc, _ = _assemble(rng, doc_len, [items[r].statements[k] for r, k in refs], offsets=offsets)
+    return doc, asked
+
+
 def sample_batch(
     rng: np.random.Generator,
     task_mix: str | Sequence[str] | Mapping[str, float],
@@ -386,13 +692,15 @@ def sample_batch(
     task_mix: a task name, a list of names (equal weights) or {name: weight}.
     length: tokens per row (exact). batch: rows.
     Each row draws a task, then a number of needles uniform in [min_needles, max_needles]
-    (passkey: always 1; variable tracking: chains of 1..max_hops copies each), and asks every
-    needle once, in random order, except multikey rows, whose keys are asked with replacement:
-    asked each key once, the model learned to answer with a value not given yet in the row
-    (right for the last query whatever the key: first-token accuracy 0.85 with two needles)
-    and stayed at chance on the lookup (training/results/multikey_probes.json). Needles,
-    queries and answers take at most half of the non-prefix tokens: rows that would exceed it
-    get fewer needles (at least one).
+    (passkey: always 1; variable tracking: chains of 1..max_hops copies each; deferred
+    binding: records, at least 2, over a number of handles uniform in [1, records // 2]), and
+    asks every needle once, in random order, except multikey and deferred binding rows, whose
+    keys are asked with replacement: asked each key once, the model learned to answer with a
+    value not given yet in the row (right for the last query whatever the key: first-token
+    accuracy 0.85 with two needles) and stayed at chance on the lookup
+    (training/results/multikey_probes.json). Needles, queries and answers take at most half of
+    the non-prefix tokens: rows that would exceed it get fewer needles (at least one; two
+    deferred records).
     Returns Batch(tokens [batch, length] int32, loss_mask [batch, length] float32,
     task_ids [batch] int32).
     """
@@ -410,31 +718,10 @@ def sample_batch(
     for b, t in enumerate(task_ids):
         task = TASKS[t]
         n = 1 if task == "passkey" else int(rng.integers(min_needles, max_needles + 1))
-        if task == "passkey":
-            items = _passkey_items(rng, 1)
-        elif task == "multikey_niah":
-            items = _multikey_items(rng, n)
+        if task == "deferred_binding":
+            doc, asked = _deferred_row(rng, max(2, n), length, budget)
         else:
-            items = _vt_items(rng, [int(h) for h in rng.integers(1, max_hops + 1, size=n)])
-        while len(items) > 1 and sum(it.num_tokens for it in items) > budget:
-            items.pop()
-        cost = items[0].num_tokens
-        if cost > budget:
-            raise ValueError(
-                f"length={length} is too short for {task}: one needle with its query and answer "
-                f"takes {cost} tokens, at most (length - {PREFIX_LEN}) // 2 = {budget} allowed; "
-                f"use length >= {PREFIX_LEN + 2 * cost}"
-            )
-        statements, depths = [], []
-        for item in items:
-            statements += item.statements
-            depths += _statement_depths(rng, item, float(rng.uniform()))
-        if task == "multikey_niah":  # as many queries as needles, drawn with replacement
-            asked = [items[i] for i in rng.integers(0, len(items), size=len(items))]
-        else:
-            asked = [items[i] for i in rng.permutation(len(items))]
-        qa_len = sum(len(it.query) + len(it.answer) for it in asked)
-        doc, _ = _assemble(rng, length - qa_len, statements, depths)
+            doc, asked = _needle_row(rng, task, n, length, budget, max_hops)
         row, pos = [doc], len(doc)
         for item in asked:
             row += [item.query, item.answer]
@@ -484,6 +771,7 @@ def accuracy(predictions: Sequence, answers: Sequence) -> float:
 
 __all__ = [
     "BOS_ID",
+    "DEFERRED_SPLITS",
     "EOS_ID",
     "PREFIX_IDS",
     "PREFIX_LEN",
@@ -493,7 +781,9 @@ __all__ = [
     "Batch",
     "Example",
     "accuracy",
+    "deferred_binding",
     "generate",
+    "host_split",
     "make_examples",
     "multikey_niah",
     "passkey",

@@ -2,6 +2,9 @@
 (an independent parser solves every example from the document tokens), the scorer, the
 training sampler, and the shipped tokenizer files."""
 
+import collections
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -13,7 +16,7 @@ DIGITS = {V[str(d)] for d in range(10)}
 FILLER = {V[w] for w in tk.FILLER_WORDS}
 KEYS = {V[w] for w in tk.KEY_WORDS}
 NAMES = {V[w] for w in tk.VAR_NAMES}
-QRY, ANS, EOS, DOT, EQ, KEY = V["QRY"], V["ANS"], V["</s>"], V["."], V["="], V["KEY"]
+QRY, ANS, EOS, DOT, EQ, KEY, IS = V["QRY"], V["ANS"], V["</s>"], V["."], V["="], V["KEY"], V["IS"]
 
 
 # --- an independent oracle: a grammar for the document body, and a solver per query ---------
@@ -39,14 +42,24 @@ def parse_document(doc):
             out.append(("passkey", digits(i + 2), i))
             i += 8
         elif t == V["KEY"]:
-            a, b = doc[i + 1], doc[i + 2]  # KEY a b d1..d5 .
-            assert a in KEYS and b in KEYS and a != b and doc[i + 8] == DOT
-            out.append(("key", ((a, b), digits(i + 3)), i))
-            i += 9
+            a, b = doc[i + 1], doc[i + 2]
+            assert a in KEYS and b in KEYS and a != b
+            if doc[i + 3] == EQ:  # KEY a b = VAR X .  (a deferred record opened on handle X)
+                assert doc[i + 4] == V["VAR"] and doc[i + 5] in NAMES and doc[i + 6] == DOT
+                out.append(("open", ((a, b), doc[i + 5]), i))
+                i += 7
+            else:  # KEY a b d1..d5 .
+                assert doc[i + 8] == DOT
+                out.append(("key", ((a, b), digits(i + 3)), i))
+                i += 9
         elif t == V["VAR"]:
             name = doc[i + 1]
-            assert name in NAMES and doc[i + 2] == EQ
-            if doc[i + 3] == V["VAR"]:
+            assert name in NAMES and doc[i + 2] in (EQ, IS)
+            if doc[i + 2] == IS:  # VAR X IS d1..d5 .  (the value of handle X's open record)
+                assert doc[i + 8] == DOT
+                out.append(("bind", (name, digits(i + 3)), i))
+                i += 9
+            elif doc[i + 3] == V["VAR"]:
                 assert doc[i + 4] in NAMES and doc[i + 5] == DOT
                 out.append(("copy", (name, doc[i + 4]), i))
                 i += 6
@@ -64,6 +77,9 @@ def oracle(doc, query):
     stmts = parse_document(doc)
     q = [int(t) for t in query]
     assert q[0] == QRY
+    if q[1] == KEY and q[-1] == IS:  # QRY KEY a b IS: the value bound to a deferred record
+        assert len(q) == 5
+        return list(bind_records(stmts)[tuple(q[2:4])][1]) + [EOS]
     if q[1] == KEY:  # QRY KEY a b: the needle up to its value
         assert len(q) == 4
         (val,) = [f[1] for k, f, _ in stmts if k == "key" and list(f[0]) == q[2:]]
@@ -90,6 +106,26 @@ def oracle(doc, query):
     raise AssertionError(f"unknown query {tk.ids_to_text(q)!r}")
 
 
+def bind_records(stmts):
+    """The binding rule of deferred_binding, from the parsed statements alone: a value statement
+    `VAR X IS v` belongs to the most recent open statement of handle X, which must not have a
+    value yet; every record gets exactly one. -> {key pair: (handle, value, open start, value start)}."""
+    current, records = {}, {}
+    for kind, f, pos in stmts:
+        if kind == "open":
+            key, handle = tuple(f[0]), f[1]
+            assert key not in records, "a key opened twice"
+            assert handle not in current, "a handle reopened before its record got a value"
+            current[handle] = key
+            records[key] = (handle, None, pos, None)
+        elif kind == "bind":
+            handle, value = f
+            key = current.pop(handle)  # KeyError: a value with no open record on its handle
+            records[key] = (handle, value, records[key][2], pos)
+    assert not current, "a record never got its value"
+    return records
+
+
 def split_row(row):
     """A sample_batch row -> (document, [(query, answer), ...]) using only the grammar."""
     row = [int(t) for t in row]
@@ -97,7 +133,10 @@ def split_row(row):
     pairs, i = [], start
     while i < len(row):
         assert row[i] == QRY
-        a = i + 3 if row[i + 1] == KEY else row.index(ANS, i)  # QRY KEY k1 k2 | QRY ... ANS
+        if row[i + 1] == KEY:  # QRY KEY k1 k2 [IS]
+            a = i + 4 if row[i + 4] == IS else i + 3
+        else:  # QRY ... ANS
+            a = row.index(ANS, i)
         e = row.index(EOS, a)
         pairs.append((row[i : a + 1], row[a + 1 : e + 1], a + 1))
         i = e + 1
@@ -135,7 +174,10 @@ def test_length_is_exact(task, length):
         ex = make(task, seed, length)
         assert ex.document.shape == (length,) and ex.document.dtype == np.int32
         assert ex.document[0] == tk.BOS_ID and ex.answer[-1] == EOS
-        assert ex.query[-1] == ANS if task != "multikey_niah" else list(ex.query[:2]) == [QRY, KEY]
+        if task == "multikey_niah":
+            assert list(ex.query[:2]) == [QRY, KEY]
+        else:
+            assert ex.query[0] == QRY and ex.query[-1] == (IS if task == "deferred_binding" else ANS)
 
 
 @pytest.mark.parametrize(
@@ -144,6 +186,7 @@ def test_length_is_exact(task, length):
         ("passkey", {}, 16 + 8),
         ("multikey_niah", {"num_keys": 4}, 16 + 36),
         ("variable_tracking", {"num_chains": 2, "num_hops": 3}, 16 + 2 * (9 + 18)),
+        ("deferred_binding", {"num_records": 4, "num_handles": 2}, 16 + 4 * (7 + 9)),
     ],
 )
 def test_too_short_is_a_clear_error(task, kw, minimum):
@@ -163,7 +206,7 @@ def test_passkey_depth_is_exact(depth):
     assert list(ex.document[pos + 2 : pos + 7]) + [EOS] == list(ex.answer)
 
 
-@pytest.mark.parametrize("task", ["multikey_niah", "variable_tracking"])
+@pytest.mark.parametrize("task", ["multikey_niah", "variable_tracking", "deferred_binding"])
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.6, 1.0])
 def test_queried_needle_sits_at_depth(task, depth):
     length = 8192
@@ -173,9 +216,11 @@ def test_queried_needle_sits_at_depth(task, depth):
     assert first in stmts  # a statement starts there
     if task == "multikey_niah":
         assert stmts[first][0] == "key" and list(stmts[first][1][0]) == list(ex.query[2:4])
+    elif task == "deferred_binding":
+        assert stmts[first][0] == "open" and list(stmts[first][1][0]) == list(ex.query[2:4])
     else:
         assert stmts[first][0] == "assign" and stmts[first][1][0] == ex.answer[0]
-    size = {"passkey": 8, "key": 9, "assign": 9, "copy": 6}
+    size = {"passkey": 8, "key": 9, "assign": 9, "copy": 6, "open": 7, "bind": 9}
     needle_tokens = sum(size[k] for k, _, _ in stmts.values())
     before = sum(size[k] for k, _, p in stmts.values() if p < first)
     filler = length - tasks.PREFIX_LEN - needle_tokens
@@ -275,7 +320,8 @@ def test_score_and_accuracy():
 @pytest.mark.parametrize("length,batch", [(128, 64), (1024, 8), (8192, 2)])
 def test_sample_batch(length, batch):
     rng = np.random.default_rng(length)
-    out = tasks.sample_batch(rng, {"passkey": 1, "multikey_niah": 2, "variable_tracking": 2}, length, batch)
+    mix = {"passkey": 1, "multikey_niah": 2, "variable_tracking": 2, "deferred_binding": 2}
+    out = tasks.sample_batch(rng, mix, length, batch)
     assert out.tokens.shape == (batch, length) and out.tokens.dtype == np.int32
     assert out.loss_mask.shape == (batch, length) and out.loss_mask.dtype == np.float32
     assert out.task_ids.shape == (batch,)
@@ -294,8 +340,8 @@ def test_sample_batch(length, batch):
         if tasks.TASKS[t] == "passkey":
             assert n == 1
         stmts = parse_document(doc)
-        roots = [s for s in stmts if s[0] in ("passkey", "key", "assign")]
-        assert len(roots) == n  # as many queries as needles (multikey: keys drawn with replacement)
+        roots = [s for s in stmts if s[0] in ("passkey", "key", "assign", "open")]
+        assert len(roots) == n  # as many queries as needles (multikey, deferred: keys drawn with replacement)
         counts.append(n)
     if length >= 1024:
         assert max(counts) > 2  # several needles per sequence (dense supervision)
@@ -321,6 +367,244 @@ def test_sample_batch_options_and_errors():
         tasks.sample_batch(rng, {"passkey": 0.0}, 256, 2)
     with pytest.raises(ValueError, match="min_needles"):
         tasks.sample_batch(rng, "passkey", 256, 2, min_needles=3, max_needles=2)
+
+
+# --- deferred binding -------------------------------------------------------------------------
+
+
+def deferred(seed, length=2048, depth=None, **kw):
+    return make("deferred_binding", seed, length, depth, **kw)
+
+
+def asked_key(ex):
+    return tuple(int(t) for t in ex.query[2:4])
+
+
+@pytest.mark.parametrize("num_records,num_handles", [(2, 1), (6, 2), (9, 3), (16, 8)])
+def test_deferred_layout(num_records, num_handles):
+    for seed in range(10):
+        ex = deferred(seed, 3000, num_records=num_records, num_handles=num_handles)
+        stmts = parse_document(ex.document)
+        assert {k for k, _, _ in stmts} == {"open", "bind"}
+        records = bind_records(stmts)  # every value follows its handle's open, one value per record
+        assert len(records) == num_records
+        per_handle = collections.Counter(r[0] for r in records.values())
+        assert len(per_handle) == num_handles
+        assert min(per_handle.values()) >= 2 and max(per_handle.values()) - min(per_handle.values()) <= 1
+        assert len({r[1] for r in records.values()}) == num_records  # distinct values
+        key = asked_key(ex)
+        handle, value, p_open, p_value = records[key]
+        assert ex.needle_positions == (p_open, p_value) and p_open < p_value
+        a, b = (tk.VOCAB[t] for t in key)
+        assert ex.query_text == f"QRY KEY {a} {b} IS"
+        assert ex.answer_text == " ".join(tk.VOCAB[t] for t in value) + " </s>"
+        h = tk.VOCAB[handle]
+        assert tk.ids_to_text(ex.document[p_open : p_open + 7]) == f"KEY {a} {b} = VAR {h} ."
+        assert tk.ids_to_text(ex.document[p_value : p_value + 9]) == f"VAR {h} IS {ex.answer_text[:-5]} ."
+        # the key words appear once in the document (the value statement does not repeat them)
+        doc = list(ex.document)
+        assert sum(doc[i : i + 2] == list(key) for i in range(len(doc) - 1)) == 1
+
+
+def nearest_open_answer(stmts, key):
+    """Shortcut 1: a value belongs to the nearest open statement before it, whatever its handle."""
+    last, found = None, []
+    for kind, f, _ in stmts:
+        if kind == "open":
+            last = tuple(f[0])
+        elif kind == "bind" and last == key:
+            found.append(list(f[1]) + [EOS])
+    return found[0] if len(found) == 1 else None
+
+
+def first_value_after(stmts, key):
+    """Shortcut 2: the first value statement after the key's open statement."""
+    (start,) = [p for k, f, p in stmts if k == "open" and tuple(f[0]) == key]
+    return next(list(f[1]) + [EOS] for k, f, p in stmts if k == "bind" and p > start)
+
+
+def test_deferred_needs_the_binding_rule():
+    """The rule resolves every example; the nearest-record shortcuts fail on a good fraction; the handle alone
+    always leaves several candidate values (so a query that finds the key's handle cannot pick the value)."""
+    n, wrong_nearest, wrong_first = 200, 0, 0
+    for seed in range(n):
+        ex = deferred(seed, 1024)
+        stmts = parse_document(ex.document)
+        key = asked_key(ex)
+        assert oracle(ex.document, ex.query) == list(ex.answer)
+        wrong_nearest += nearest_open_answer(stmts, key) != list(ex.answer)
+        wrong_first += first_value_after(stmts, key) != list(ex.answer)
+        handle = bind_records(stmts)[key][0]
+        candidates = {tuple(f[1]) for k, f, _ in stmts if k == "bind" and f[0] == handle}
+        assert len(candidates) >= 3  # six records over two handles: three values per handle
+    assert wrong_nearest / n > 0.3 and wrong_first / n > 0.3, (wrong_nearest, wrong_first)
+
+
+def test_deferred_answer_follows_the_statement_order():
+    """Swapping the value digits of two records of the asked handle changes the resolved answer, and a value
+    moved before its record's open statement is rejected: the resolver reads the order, not the tokens alone."""
+    ex = deferred(3, 1024)
+    stmts = parse_document(ex.document)
+    records = bind_records(stmts)
+    handle, value, _, p_value = records[asked_key(ex)]
+    other = next(r for k, r in records.items() if r[0] == handle and k != asked_key(ex))
+    doc = np.array(ex.document)
+    doc[p_value + 3 : p_value + 8], doc[other[3] + 3 : other[3] + 8] = other[1], value
+    assert oracle(doc, ex.query) == list(other[1]) + [EOS] != list(ex.answer)
+    first_open = min(p for k, _, p in stmts if k == "open")
+    doc = np.array(ex.document)
+    moved = np.concatenate([doc[:first_open], doc[p_value : p_value + 9], doc[first_open:p_value], doc[p_value + 9 :]])
+    with pytest.raises(KeyError):
+        oracle(moved, ex.query)
+
+
+def star_visible(layout, p):
+    """Document positions a Star host's row at document position p attends to: anchor doc[:A] and its block up
+    to p."""
+    blk = p // layout.block
+    return set(range(layout.anchor)) | set(range(blk * layout.block, p + 1))
+
+
+def token_split(ex, hosts):
+    """host_split by brute force over every token: visibility sets instead of block indices."""
+    from apb_jax.parallel import make_layout
+
+    lay = make_layout("star", hosts, len(ex.document), len(ex.query)) if hosts > 1 else None
+    block = -(-len(ex.document) // hosts)
+    k, v = ex.needle_positions
+    key, val = set(range(k, k + 7)), range(v, v + 9)
+    if len({p // block for p in key} | {p // block for p in val}) == 1:
+        return "same_host"
+    if max(key) < block and min(val) >= block:
+        return "key_in_anchor"
+    if min(key) >= block and all(not key & star_visible(lay, p) for p in val):
+        return "cross_host"
+    return "mixed"
+
+
+@pytest.mark.parametrize("hosts", [1, 3, 4, 8])
+def test_host_split_reports_where_the_record_falls(hosts):
+    got = collections.Counter()
+    for seed in range(300):
+        ex = deferred(seed, 2048)
+        split = tasks.host_split(ex, hosts)
+        assert split == token_split(ex, hosts), (seed, ex.needle_positions)
+        got[split] += 1
+    if hosts == 1:
+        assert set(got) == {"same_host"}
+    else:
+        assert got["same_host"] and got["key_in_anchor"] and got["cross_host"], got
+    ex = deferred(0, 2048)
+    block = -(-2048 // 4)
+    straddle = dataclasses.replace(ex, needle_positions=(block - 3, ex.needle_positions[1] + 2 * block))
+    assert tasks.host_split(straddle, 4) == token_split(straddle, 4) == "mixed"
+
+
+@pytest.mark.parametrize("hosts", [3, 4, 8])
+@pytest.mark.parametrize("split", tasks.DEFERRED_SPLITS)
+def test_deferred_split_is_forced(split, hosts):
+    length = 4096
+    block = -(-length // hosts)
+    pairs = set()
+    for seed in range(30):
+        ex = deferred(seed, length, split=split, hosts=hosts)
+        assert tasks.host_split(ex, hosts) == token_split(ex, hosts) == split
+        assert oracle(ex.document, ex.query) == list(ex.answer)
+        k, v = ex.needle_positions
+        pairs.add((k // block, v // block))
+        size = {"open": 7, "bind": 9}
+        stmts = parse_document(ex.document)
+        filler_before = k - tasks.PREFIX_LEN - sum(size[kind] for kind, _, p in stmts if p < k)
+        assert ex.depth == filler_before / (length - tasks.PREFIX_LEN - sum(size[kind] for kind, _, _ in stmts))
+    want = {
+        "same_host": {(h, h) for h in range(hosts)},
+        "key_in_anchor": {(0, h) for h in range(1, hosts)},
+        "cross_host": {(a, b) for a in range(1, hosts) for b in range(a + 1, hosts)},
+    }[split]
+    assert pairs <= want and len(pairs) >= min(len(want), 3)  # several block pairs, all of the asked kind
+
+
+@pytest.mark.parametrize("hosts", [3, 4])
+def test_cross_host_key_is_invisible_to_star_value_rows(hosts):
+    """The attention-mask argument, on the real layouts: for cross_host examples no row of the value statement
+    can attend to the key under Star (anchor = block 0, then its own block causally) nor through APB's anchor or
+    own block (only its passing blocks can carry it), while full attention (causal) sees it. same_host and
+    key_in_anchor examples give Star's value rows the whole key."""
+    from apb_jax.parallel import make_layout
+
+    length = 2048
+    for seed in range(10):
+        for split in tasks.DEFERRED_SPLITS:
+            ex = deferred(seed, length, split=split, hosts=hosts)
+            q = len(ex.query)
+            k, v = ex.needle_positions
+            key, val = set(range(k, k + 7)), range(v, v + 9)
+            star = make_layout("star", hosts, length, q)
+            apb = make_layout("apb", hosts, length, q)
+            assert star.anchor == star.block == -(-length // hosts)
+            assert all(key <= set(range(p + 1)) for p in val)  # full attention: causal
+            if split == "cross_host":
+                for p in val:
+                    assert not key & star_visible(star, p)
+                    blk = p // apb.block  # APB: doc[:A - Q] in the anchor (the query inserted), own block causally
+                    apb_sees = set(range(apb.anchor - q)) | set(range(blk * apb.block, p + 1))
+                    assert not key & apb_sees
+            else:
+                assert all(key <= star_visible(star, p) for p in val)
+
+
+def test_deferred_is_deterministic_and_bad_arguments_raise():
+    kw = dict(split="cross_host", hosts=4)
+    a = tasks.make_examples("deferred_binding", 5, 3, 2048, **kw)
+    b = tasks.make_examples("deferred_binding", 5, 4, 2048, **kw)[:3]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.document, y.document)
+        assert x.needle_positions == y.needle_positions and x.depth == y.depth
+    assert deferred(1, 2048, 0.25).depth == 0.25
+    for kw, msg in [
+        (dict(num_records=3, num_handles=2), r"num_records=3 must be in \[2 \* num_handles"),
+        (dict(num_handles=0), "num_handles=0"),
+        (dict(num_handles=65, num_records=130), "num_handles=65"),
+        (dict(split="far"), "split='far' must be None or one of"),
+        (dict(split="cross_host", hosts=2), r"hosts >= 3, got hosts=2"),
+        (dict(split="key_in_anchor"), r"hosts >= 2, got hosts=None"),
+        (dict(hosts=4), "hosts=4 is only used with split"),
+        (dict(depth=0.5, split="same_host", hosts=2), "cannot both be set"),
+        (dict(depth=-0.1), r"depth=-0\.1"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            tasks.deferred_binding(np.random.default_rng(0), 2048, **kw)
+    with pytest.raises(ValueError, match=r"length=300 over hosts=8 .* too short for split='cross_host'"):
+        tasks.deferred_binding(np.random.default_rng(0), 300, split="cross_host", hosts=8)
+    with pytest.raises(ValueError, match="task='passkey'"):
+        tasks.host_split(make("passkey", 0, 200), 4)
+    with pytest.raises(ValueError, match="hosts=0"):
+        tasks.host_split(deferred(0), 0)
+
+
+def test_sample_batch_deferred_binding():
+    rng = np.random.default_rng(0)
+    out = tasks.sample_batch(rng, "deferred_binding", 1024, 24, min_needles=1, max_needles=8)
+    assert (out.task_ids == tasks.TASKS.index("deferred_binding")).all()
+    handles, repeats = set(), 0
+    for row, mask in zip(out.tokens, out.loss_mask):
+        doc, pairs = split_row(row)
+        records = bind_records(parse_document(doc))
+        n = len(records)
+        assert 2 <= n <= 8 and len(pairs) == n  # at least two records (a handle names two), a query per record
+        per_handle = collections.Counter(r[0] for r in records.values())
+        assert min(per_handle.values()) >= 2
+        handles.add(len(per_handle))
+        expect = np.zeros(len(row), np.float32)
+        for q, a, start in pairs:
+            assert q[-1] == IS and oracle(doc, q) == a
+            expect[start : start + len(a)] = 1.0  # the digits and </s>, not the query
+        np.testing.assert_array_equal(mask, expect)
+        assert mask.sum() == 6 * n
+        repeats += len({tuple(q[2:4]) for q, _, _ in pairs}) < n
+    assert len(handles) > 1 and repeats > 0  # handle counts vary; keys asked with replacement
+    with pytest.raises(ValueError, match="length=100 is too short for deferred_binding: two records"):
+        tasks.sample_batch(rng, "deferred_binding", 100, 2)
 
 
 # --- tokenizer --------------------------------------------------------------------------------

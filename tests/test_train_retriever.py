@@ -52,7 +52,7 @@ def test_curriculum_advances_on_accuracy_and_on_step_limit():
 def test_curriculum_min_gate_waits_for_the_weakest_task():
     """gate=min: two tasks perfect and one at chance hold the stage; the pooled gate (mean) would have moved on."""
     pk, mk, vt = (tr.TASKS.index(t) for t in ("passkey", "multikey_niah", "variable_tracking"))
-    hits, count = np.zeros(3), np.zeros(3)
+    hits, count = np.zeros(len(tr.TASKS)), np.zeros(len(tr.TASKS))
     hits[[pk, vt]], count[[pk, mk, vt]] = 40, 40
     hits[mk] = 10
     for gate in ("min", "mean"):
@@ -71,7 +71,8 @@ def test_curriculum_min_gate_waits_for_the_weakest_task():
     for s in range(11, 40):
         cur.observe(128, full, count, s)  # ... a run of good steps does
     ev = cur.events[-1]
-    assert cur.length == 256 and ev["reason"] == "accuracy" and set(ev["task_ema"]) == set(tr.TASKS)
+    seen = {"passkey", "multikey_niah", "variable_tracking"}  # a task with no answers in the stage does not gate
+    assert cur.length == 256 and ev["reason"] == "accuracy" and set(ev["task_ema"]) == seen
     with pytest.raises(ValueError, match="gate"):
         tr.TrainConfig(**TINY, gate="max")
 
@@ -112,6 +113,36 @@ def test_train_step_learns_a_fixed_batch():
     per_count = np.asarray(stats[6 + len(tr.TASKS) :])
     np.testing.assert_array_equal(per_count, [4.0 if t == "passkey" else 0.0 for t in tr.TASKS])
     assert float(stats[6 + tr.TASKS.index("passkey")]) == float(stats[4])  # all first hits are passkey's
+
+
+def test_train_step_on_deferred_binding_counts_its_first_tokens():
+    """deferred_binding trains through the same step: its first answer tokens are counted under its own index."""
+    import jax.numpy as jnp
+
+    cfg = tr.TrainConfig(**TINY, task_mix="passkey:1,deferred_binding:2")
+    assert tr.parse_mix(cfg.task_mix) == {"passkey": 1.0, "deferred_binding": 2.0}
+    graphdef, params = tr.build(cfg)
+    opt = tr.make_optimizer(cfg)
+    step = tr.make_train_step(graphdef, opt, first_token_weight=3.0)
+    b = tr.sample_batch(np.random.default_rng(0), tr.parse_mix(cfg.task_mix), 256, 8)
+    _, _, stats = step(
+        params, opt.init(params), jnp.asarray(b.tokens), jnp.asarray(b.loss_mask), jnp.asarray(b.task_ids), 1e-3
+    )
+    assert np.isfinite(np.asarray(stats)).all()
+    per_count = np.asarray(stats[6 + len(tr.TASKS) :])
+    want = [
+        ((b.task_ids == i)[:, None] * (b.loss_mask[:, 1:] > b.loss_mask[:, :-1])).sum() for i in range(len(tr.TASKS))
+    ]
+    np.testing.assert_array_equal(per_count, want)  # one first token per answer, each under its task
+    assert per_count[tr.TASKS.index("deferred_binding")] >= 2 * (b.task_ids == tr.TASKS.index("deferred_binding")).sum()
+
+
+def test_eval_tasks_default_to_the_mix():
+    assert tr.eval_task_list(None, "passkey:1,deferred_binding:2,multikey_niah:0") == ["passkey", "deferred_binding"]
+    assert tr.eval_task_list("deferred_binding, passkey", "passkey") == ["deferred_binding", "passkey"]
+    for bad, word in (("nope", "nope"), (",", "names no task")):
+        with pytest.raises(ValueError, match=word):
+            tr.eval_task_list(bad, "passkey")
 
 
 def test_first_answer_tokens_marks_the_start_of_each_answer():

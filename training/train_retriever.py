@@ -5,7 +5,8 @@
 The model is the project's own `LlamaForCausalLM` (float32 params, bfloat16 matmuls, cuDNN attention on a GPU), so
 what is trained is exactly what `apb_jax.load` runs. Recipe (what worked in the §10 probe):
 - data: `apb_jax.tasks.sample_batch`, several needles per row and one query per needle, loss on the answer tokens
-  only (dense supervision); a task mix of passkey, multikey NIAH and variable tracking;
+  only (dense supervision); a task mix of passkey, multikey NIAH and variable tracking (and deferred binding, the
+  task Star Attention cannot solve across hosts: `--task-mix ...,deferred_binding:2`);
 - curriculum: start at 128 tokens with a fixed token budget per step (the batch halves as the length doubles);
   move to the next length once the running accuracy on each answer's *first* token at the current one passes
   `advance_acc` for every task of the mix (`gate=min`; or after `max_stage_steps`); a fraction `replay` of the
@@ -157,6 +158,21 @@ def parse_mix(text: str) -> dict[str, float]:
     if sum(mix.values()) <= 0:
         raise ValueError(f"task_mix={text!r} gives no task a positive weight")
     return mix
+
+
+def eval_task_list(text: str | None, task_mix: str) -> list[str]:
+    """The tasks to evaluate: 'a,b' (`--eval-tasks`), or when None those of `task_mix` with a positive weight, in
+    TASKS order."""
+    if text is None:
+        mix = parse_mix(task_mix)
+        return [t for t in TASKS if mix.get(t, 0) > 0]
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for t in names:
+        if t not in TASKS:
+            raise ValueError(f"--eval-tasks names {t!r}; allowed tasks: {TASKS}")
+    if not names:
+        raise ValueError(f"--eval-tasks={text!r} names no task; allowed tasks: {TASKS}")
+    return names
 
 
 class Curriculum:
@@ -722,6 +738,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-every-s", type=float, default=120.0)
     ap.add_argument("--eval-lengths", default="1024,4096,16384,32768")
     ap.add_argument("--eval-num", type=int, default=20)
+    ap.add_argument(
+        "--eval-tasks", default=None, help=f"comma-separated, of {','.join(TASKS)} (default: the --task-mix tasks)"
+    )
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument(
         "--init-from",
@@ -735,6 +754,10 @@ def main(argv=None) -> int:
     if args.steps is None and args.time_budget_s is None:
         ap.error("give --steps or --time-budget-s")
     eval_lengths = [int(x) for x in args.eval_lengths.split(",") if x]
+    try:
+        eval_tasks = eval_task_list(args.eval_tasks, cfg.task_mix)
+    except ValueError as e:
+        ap.error(str(e))
     workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 2) - 2))
 
     import jax
@@ -767,6 +790,7 @@ def main(argv=None) -> int:
         graphdef,
         params,
         lengths=eval_lengths,
+        tasks=eval_tasks,
         num=args.eval_num,
         progress=lambda t, n, r: print(
             f"  eval {t:<18} {n:>6}: exact {r['exact']:.3f} token {r['token']:.3f} (n={r['n']})", flush=True
