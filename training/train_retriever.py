@@ -362,6 +362,13 @@ def first_answer_tokens(mask):
     return (mask * (1.0 - prev))[:, 1:]
 
 
+def _backend() -> str | None:
+    """cuDNN on a GPU (the Pallas kernels have no backward pass); the dispatcher's choice elsewhere."""
+    import jax
+
+    return "cudnn" if jax.default_backend() == "gpu" else None
+
+
 def make_train_step(graphdef, optimizer, first_token_weight: float = 1.0):
     """jit step(params, opt_state, tokens, mask, task_ids, lr) -> (params, opt_state, stats) with stats =
     [loss, hits, count, gnorm, first_hits, first_count, first_hits per task..., first_count per task...] (tasks in
@@ -373,7 +380,7 @@ def make_train_step(graphdef, optimizer, first_token_weight: float = 1.0):
     from apb_jax.model import forward_logits
 
     def loss_fn(params, tokens, mask, task_ids):
-        ce, hits, m = _masked_stats(forward_logits(graphdef, params, tokens), tokens, mask)
+        ce, hits, m = _masked_stats(forward_logits(graphdef, params, tokens, _backend()), tokens, mask)
         first = first_answer_tokens(mask)
         w = m + (first_token_weight - 1.0) * first
         loss = (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
@@ -403,7 +410,7 @@ def make_eval_fn(graphdef):
 
     @jax.jit
     def f(params, tokens, mask):
-        _, hits, m = _masked_stats(forward_logits(graphdef, params, tokens), tokens, mask)
+        _, hits, m = _masked_stats(forward_logits(graphdef, params, tokens, _backend()), tokens, mask)
         return jnp.all((hits == m) | (m == 0), axis=1), hits.sum(1), m.sum(1)
 
     return f
