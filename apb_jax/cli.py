@@ -152,6 +152,20 @@ def _set_cpu_devices(n: int | None) -> None:
         raise UserError(f"--cpu-devices {n}: {e}") from None
 
 
+def _compile_cache() -> None:
+    """Keep compiled programs on disk (~/.cache/apb-jax/xla, or $APB_JAX_CACHE; "off" disables it), so a second run
+    of the same command skips most of its compile time."""
+    import os
+
+    where = os.environ.get("APB_JAX_CACHE", str(Path.home() / ".cache" / "apb-jax" / "xla"))
+    if where == "off":
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _maybe_distributed(args) -> None:
     """Join a multi-process run when flags, `apb-jax launch` or a cluster (SLURM, Open MPI, Kubernetes) say so;
     a single process otherwise."""
@@ -229,6 +243,7 @@ def cmd_generate(args) -> int:
     context = read_text_file(args.context_file)
     config = ModelConfig.from_pretrained(args.model)  # a bad model directory fails here, before any weight
     _maybe_distributed(args)
+    _compile_cache()
     check_devices(args.strategy, args.devices, args.cpu_devices, args.mode)
     from apb_jax.model import load_tokenizer
     from apb_jax.prompting import render
@@ -299,8 +314,9 @@ def cmd_generate(args) -> int:
         print(json.dumps(record))
     else:
         print(text)
+        comp = f", compressor {engine.config.compressor}" if out.layout.passing else ""
         print(
-            f"[{args.strategy} on {engine.hosts} host(s): {len(prompt.doc_ids)} context tokens"
+            f"[{args.strategy} on {engine.hosts} host(s){comp}: {len(prompt.doc_ids)} context tokens"
             f"{' (chat template)' if prompt.chat_template else ''}, prefill {out.prefill_seconds:.3f}s, decode "
             f"{out.decode_seconds:.3f}s, compile {out.compile_seconds:.1f}s]",
             file=sys.stderr,
@@ -316,6 +332,7 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     _set_cpu_devices(args.devices)
+    _compile_cache()
     from apb_jax.demo import run_demo
 
     return run_demo(length=args.length, devices=args.devices, seed=args.seed, as_json=args.json, dtype=args.dtype)

@@ -1,7 +1,8 @@
 """`apb-jax demo`: a passkey hidden in a long document, answered with full attention on one device and with APB
 over several (fake CPU) devices; prints the question, both answers, the truth and the timings.  The default document
-is 16K tokens: on a 2-core CPU the whole run (load, compiles, both prefills and decodes) takes ~15 s, attention
-going through the blocked plain-XLA path (`pallas_kernels.xla_blocked`), the CPU default.
+is 16K tokens: on a 2-core CPU the whole run (load, compiles, both prefills and decodes) takes about 35 s the first
+time and about 25 s once the compiled programs are in the disk cache (the CLI keeps them in ~/.cache/apb-jax), the
+attention going through the blocked plain-XLA path (`pallas_kernels.xla_blocked`), the CPU default.
 
 The embedded default model lives in `apb_jax/assets/retriever/` when it has been trained and shipped (a small
 Llama trained on the synthetic tasks).  Until then the demo falls back to a tiny random Llama over the same

@@ -517,12 +517,21 @@ def _pick_compressor(model: Model, unit, compressor, retaining_heads):
         return compressor, retaining_heads
     if retaining_heads is not None:
         return "retaining_heads", retaining_heads
-    if "passing_len" in unit.options and model.path is not None and (model.path / HEADS_FILE).is_file():
+    if "passing_len" not in unit.options:
+        return "query_aware", None
+    if model.path is not None and (model.path / HEADS_FILE).is_file():
         log.info(
-            "using the retaining heads in %s (pass compressor='query_aware' for the training-free scores)",
+            "%s compresses with the retaining heads in %s (compressor='query_aware' for the training-free scores)",
+            unit.name,
             model.path / HEADS_FILE,
         )
         return "retaining_heads", model.path / HEADS_FILE
+    log.info(
+        "%s compresses with the training-free query-aware scores (no %s beside the model; retaining_heads=PATH "
+        "to use trained heads)",
+        unit.name,
+        HEADS_FILE,
+    )
     return "query_aware", None
 
 
