@@ -30,6 +30,7 @@ from apb_jax.evaluation.base import Sample
 from apb_jax.evaluation.registry import get_task, make_samples, resolve_tasks
 from apb_jax.evaluation.scoring import METRICS
 from apb_jax.prompting import PromptRenderer
+from apb_jax.strategies import COMPARISON
 
 
 def strategy_names() -> tuple[str, ...]:
@@ -141,7 +142,13 @@ def run_cell(engine, examples: Sequence[Prepared], batch_size: int, tokenizer, o
 
 
 def _label(strategy: str, hosts: int) -> str:
-    return "full" if strategy == "full" else f"{strategy} H={hosts}"
+    return strategy if _single(strategy) else f"{strategy} H={hosts}"
+
+
+def _single(strategy: str) -> bool:
+    from apb_jax import strategies
+
+    return strategies.get(strategy).single_device
 
 
 def format_table(result: dict) -> str:
@@ -229,15 +236,14 @@ def run_eval(
     """Scores of `strategies` x `hosts` x `lengths` x `tasks`, `n` samples per cell.
 
     model: an apb_jax Model. tasks: names or groups (see `apb_jax.evaluation.registry`). lengths: tokens (RULER's
-    meaning for text tasks: prompt + generation budget). strategies: names from `strategy_names()`; "full" runs on
-    one device, the others on each host count of `hosts`. mode: "mesh" (one host per device) or "vmap" (hosts
-    emulated on one device). tokenizer: default `model.tokenizer()`. chat_template / prompt_format / system_prompt:
-    see `apb_jax.prompting.render`. batch_size: examples per generate call. max_new_tokens: overrides every task's
-    budget. max_positions: default the model's max_position_embeddings. compressor / retaining_heads /
+    meaning for text tasks: prompt + generation budget). strategies: names from `strategy_names()`; a one-device
+    strategy (full) runs once, the others on each host count of `hosts`. mode: "mesh" (one host per device) or
+    "vmap" (hosts emulated on one device). tokenizer: default `model.tokenizer()`. chat_template / prompt_format /
+    system_prompt: see `apb_jax.prompting.render`. batch_size: examples per generate call. max_new_tokens: overrides
+    every task's budget. max_positions: default the model's max_position_embeddings. compressor / retaining_heads /
     anchor_len / passing_len: passed to the APB (and Star, for anchor_len) engines. ragged_batches: batch examples
     of different lengths together (needs an Engine that takes ragged batches). out: a JSON path rewritten after
-    every cell. Returns the result dict (also written to `out`); a cell that fails holds "error" and no score.
-    """
+    every cell. Returns the result dict (also written to `out`); a cell that fails holds "error" and no score."""
     from tqdm import tqdm
 
     names = resolve_tasks(tasks)
@@ -372,14 +378,15 @@ def check_strategies(strategies: Sequence[str], what: str = "strategies") -> Non
 
 
 def _grid(strategies: Sequence[str], hosts: Sequence[int], mode: str) -> list[tuple[str, int]]:
-    """(strategy, hosts) pairs to run: "full" once on one device, the others on every host count."""
+    """(strategy, hosts) pairs to run: a one-device strategy once, the others on every host count."""
     check_strategies(strategies)
     if mode not in ("mesh", "vmap"):
         raise ValueError(f"mode={mode!r} is unknown; allowed: 'mesh', 'vmap'")
-    if any(h < 1 for h in hosts) or (any(s != "full" for s in strategies) and not hosts):
+    if any(h < 1 for h in hosts) or (any(not _single(s) for s in strategies) and not hosts):
         raise ValueError(f"hosts={list(hosts)}: give host counts >= 1 for the sequence-parallel strategies")
-    grid = [("full", 1)] if "full" in strategies else []
-    grid += [(s, h) for s in dict.fromkeys(strategies) if s != "full" for h in hosts]
+    grid = [
+        (s, h if not _single(s) else 1) for s in dict.fromkeys(strategies) for h in (hosts if not _single(s) else [1])
+    ]
     if mode == "mesh":
         import jax
 
@@ -395,11 +402,9 @@ def _grid(strategies: Sequence[str], hosts: Sequence[int], mode: str) -> list[tu
 def _engine(model, strategy, hosts, mode, compressor, retaining_heads, anchor_len, passing_len):
     import apb_jax
 
-    kw: dict[str, Any] = {}
-    if strategy in ("star", "apb"):
-        kw["anchor_len"] = anchor_len
-    if strategy == "apb":
-        kw.update(passing_len=passing_len, compressor=compressor, retaining_heads=retaining_heads)
+    given = dict(anchor_len=anchor_len, passing_len=passing_len, compressor=compressor, retaining_heads=retaining_heads)
+    options = apb_jax.strategies.get(strategy).options
+    kw: dict[str, Any] = {k: v for k, v in given.items() if k in options}
     return apb_jax.Engine(model, strategy=strategy, devices=hosts, mode="mesh" if hosts == 1 else mode, **kw)
 
 
@@ -416,7 +421,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         "such as niah_single_1,kv_retrieval (default: ruler)",
     )
     p.add_argument("--lengths", default="32768", help="comma-separated lengths in tokens (default 32768)")
-    p.add_argument("--strategies", default="full,star,apb", help=f"comma-separated, of {','.join(strategy_names())}")
+    p.add_argument(
+        "--strategies", default=",".join(COMPARISON), help=f"comma-separated, of {','.join(strategy_names())}"
+    )
     p.add_argument("--hosts", default="4", help="comma-separated host counts of the parallel strategies (default 4)")
     p.add_argument("--n", type=int, default=50, help="samples per task and length (default 50)")
     p.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,8 @@ from apb_jax.strategies.base import Strategy
 
 REGISTRY: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (full, ring, star, apb, ulysses, zigzag)}
 DEFAULT = full.NAME  # what Engine and the CLI run when no strategy is named
+# the paper's comparison (one device, anchor without passing, APB): what `apb-jax eval` runs unless told
+COMPARISON = (full.NAME, star.NAME, apb.NAME)
 
 
 def names() -> tuple[str, ...]:
@@ -39,4 +41,4 @@ def sequence_parallel() -> tuple[str, ...]:
     return tuple(n for n, s in REGISTRY.items() if not s.single_device)
 
 
-__all__ = ["DEFAULT", "REGISTRY", "Strategy", "get", "make_layout", "names", "sequence_parallel"]
+__all__ = ["COMPARISON", "DEFAULT", "REGISTRY", "Strategy", "get", "make_layout", "names", "sequence_parallel"]

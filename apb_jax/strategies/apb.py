@@ -38,7 +38,7 @@ NAME = "apb"
 class Apb(Strategy):
     name = NAME
     summary = "APB: anchor with the query + compressed passing blocks from earlier hosts + local block"
-    options = ("anchor_len", "passing_len")
+    options = ("anchor_len", "passing_len", "compressor", "retaining_heads")
 
     def make_layout(self, config, doc_len: int, query_len: int) -> Layout:
         hosts = check_lengths(config.devices, doc_len, query_len)
