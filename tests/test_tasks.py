@@ -467,7 +467,7 @@ def star_visible(layout, p):
 
 def token_split(ex, hosts):
     """host_split by brute force over every token: visibility sets instead of block indices."""
-    from apb_jax.parallel import make_layout
+    from apb_jax.strategies import make_layout
 
     lay = make_layout("star", hosts, len(ex.document), len(ex.query)) if hosts > 1 else None
     block = -(-len(ex.document) // hosts)
@@ -530,7 +530,7 @@ def test_cross_host_key_is_invisible_to_star_value_rows(hosts):
     can attend to the key under Star (anchor = block 0, then its own block causally) nor through APB's anchor or
     own block (only its passing blocks can carry it), while full attention (causal) sees it. same_host and
     key_in_anchor examples give Star's value rows the whole key."""
-    from apb_jax.parallel import make_layout
+    from apb_jax.strategies import make_layout
 
     length = 2048
     for seed in range(10):
