@@ -154,13 +154,14 @@ def _set_cpu_devices(n: int | None) -> None:
 
 def _compile_cache() -> None:
     """Keep compiled programs on disk (~/.cache/apb-jax/xla, or $APB_JAX_CACHE; "off" disables it), so a second run
-    of the same command skips most of its compile time."""
+    of the same command skips most of its compile time.  A cache the caller configured already is left alone."""
     import os
 
-    where = os.environ.get("APB_JAX_CACHE", str(Path.home() / ".cache" / "apb-jax" / "xla"))
-    if where == "off":
-        return
     import jax
+
+    where = os.environ.get("APB_JAX_CACHE", str(Path.home() / ".cache" / "apb-jax" / "xla"))
+    if where == "off" or jax.config.jax_compilation_cache_dir:
+        return
 
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

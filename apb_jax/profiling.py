@@ -9,7 +9,7 @@ Which trace events count as device work:
   launch, so an event's args hold `hlo_op` (the HLO instruction, e.g. "loop_multiply_fusion.3") and `hlo_module`.
   Kernels launched inside a CUDA graph (an XLA command buffer) may carry the command buffer's annotation or none:
   they are matched by kernel name (XLA names a fusion's kernel after it), else classified by the name alone; run
-  with XLA_FLAGS=--xla_gpu_enable_command_buffer= for full attribution (benchmarks/profile_prefill.py does).
+  with XLA_FLAGS=--xla_gpu_enable_command_buffer= for full attribution (`prefill_bench.py --profile` does).
 - CPU: the XLA thunk executor's events (args `hlo_op`, `hlo_module`, `device_ordinal`) on the XLA threads.  Control
   flow thunks (while / conditional / call) only contain other thunks and are left out; a dot offloaded to the
   thread pool is one event.

@@ -2,11 +2,16 @@
 
 With APB_TEST_GPU=1 (the GPU tests, see the README's "Development") jax may use the GPU; compiles are kept short
 (no GEMM autotuning: the tests check values, not speed), CUDA command buffers are off (instantiating CUDA graphs
-for many small programs ran out of memory under parallel workers), and compiled programs are cached on disk so
-pytest workers and reruns share them.
+for many small programs ran out of memory under parallel workers).
+
+Compiled programs go to one on-disk cache per test session (a fresh temporary directory, or $APB_TEST_CACHE;
+"off" disables it), shared with the processes the tests start (the CLI, notebooks, multi-process runs): many tests
+build the same small programs in new closures, and a cache hit skips their compile. A fresh directory keeps every
+CI run cold, as a newcomer's first run is.
 """
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 GPU_TESTS = bool(os.environ.get("APB_TEST_GPU"))
@@ -20,9 +25,15 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-if GPU_TESTS:
-    jax.config.update("jax_compilation_cache_dir", os.environ.get("APB_TEST_CACHE", "/tmp/apb_jax_test_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+CACHE = os.environ.get("APB_TEST_CACHE") or tempfile.mkdtemp(prefix="apb_jax_test_xla_")
+if CACHE != "off":
+    os.environ["APB_JAX_CACHE"] = CACHE  # the CLI's cache, in-process and in subprocesses
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE  # any other jax process the tests start (notebooks, workers)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    jax.config.update("jax_compilation_cache_dir", CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+else:
+    os.environ["APB_JAX_CACHE"] = "off"
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -46,11 +46,11 @@ TEST_COMMAND = ["python", "-m", "pytest", "-q"]
 RUNNABLE = [c for c in commands() if c != TEST_COMMAND]
 
 
-def _env(tmp_path):
+def _env():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # each command asks for its own devices, as on a fresh machine
     env.pop("JAX_PLATFORMS", None)
-    env["APB_JAX_CACHE"] = str(tmp_path / "xla")
+    # the session's compile cache (conftest) is kept: a program another test compiled need not compile again
     return env
 
 
@@ -63,21 +63,21 @@ def test_the_readme_has_runnable_blocks_and_ci_runs_its_test_command():
 
 
 @pytest.mark.parametrize("argv", RUNNABLE, ids=lambda a: " ".join(a[:2]))
-def test_readme_command_runs(argv, tmp_path):
+def test_readme_command_runs(argv):
     key = tuple(argv[:2])
     exe = [sys.executable, "-m", "apb_jax.cli"] if argv[0] == "apb-jax" else [argv[0]]
     run = exe + argv[1:] + SMALLER.get(key, [])
-    r = subprocess.run(run, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(run, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{' '.join(argv)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     assert EXPECT.get(key, "") in r.stdout + r.stderr
+    if key == ("apb-jax", "demo"):  # the shipped retriever answers with full attention and with APB
+        assert r.stdout.count("[correct]") == 2 and "[wrong]" not in r.stdout, r.stdout[-2000:]
 
 
 def test_readme_python_api_block_runs(tmp_path):
     (code,) = blocks("python")
     script = tmp_path / "api.py"
     script.write_text(code)
-    r = subprocess.run(
-        [sys.executable, str(script)], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600
-    )
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     assert "8 6 6 6 6" in r.stdout
