@@ -2,7 +2,8 @@
 per KV head.
 
 Two scorers, both returning float32 [B, T, KVH] over the host's whole sequence [anchor | local]:
-- `retaining_head_scores`: Locret's MLP fc2(act(fc1(concat(q, k, v)))) on the projections before RoPE.
+- `retaining_head_scores`: Locret's MLP fc2(act(fc1(concat(q, k, v)))) on the projections before RoPE (the released
+  weights and how they map here: `apb_jax.retaining_heads`).
 - `query_aware_scores`: training-free (Spava's cheap form): k . q_bar, with q_bar the mean over the anchor's query
   rows and over the query heads of each KV group (after RoPE), in float32.
 """

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from apb_jax import Engine, Model, ModelConfig, strategies
-from apb_jax.compression import RetainingHeads, max_pool, retaining_head_scores, select_top
+from apb_jax.compression import max_pool, retaining_head_scores, select_top
 from apb_jax.models.llama import AttnCall
 from apb_jax.strategies import make_layout
 from apb_jax.strategies.apb import eligible_local
@@ -333,32 +333,6 @@ def test_retaining_head_scores_by_hand():
     h = x @ np.asarray(heads.fc1[1])
     h = h / (1 + np.exp(-h))  # silu
     np.testing.assert_allclose(got, h @ np.asarray(heads.fc2[1]), rtol=1e-5, atol=1e-5)
-
-
-def test_retaining_heads_released_key_names(tmp_path):
-    import torch
-
-    from apb_jax.retaining_heads import load_retaining_heads
-
-    d_in = (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim
-    sd = {}
-    for i in range(CFG.num_layers):
-        sd[f"model.layers.{i}.self_attn.fc1.weight"] = torch.randn(24, d_in)
-        sd[f"model.layers.{i}.self_attn.fc2.weight"] = torch.randn(CFG.num_kv_heads, 24)
-    torch.save(sd, tmp_path / "heads.bin")
-    heads = load_retaining_heads(tmp_path / "heads.bin", CFG, dtype=jnp.float32)
-    assert isinstance(heads, RetainingHeads) and len(heads.fc1) == CFG.num_layers
-    np.testing.assert_array_equal(np.asarray(heads.fc1[1]), sd["model.layers.1.self_attn.fc1.weight"].numpy().T)
-    np.testing.assert_array_equal(np.asarray(heads.fc2[0]), sd["model.layers.0.self_attn.fc2.weight"].numpy().T)
-    # mis-shaped: clear error naming the tensor
-    sd["model.layers.1.self_attn.fc1.weight"] = torch.randn(24, d_in + 1)
-    torch.save(sd, tmp_path / "bad.bin")
-    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.fc1\.weight has shape"):
-        load_retaining_heads(tmp_path / "bad.bin", CFG)
-    del sd["model.layers.1.self_attn.fc1.weight"]
-    torch.save(sd, tmp_path / "missing.bin")
-    with pytest.raises(ValueError, match=r"missing layers\.1\.self_attn\.fc1\.weight"):
-        load_retaining_heads(tmp_path / "missing.bin", CFG)
 
 
 def test_engine_loads_retaining_heads_from_safetensors(model, prompt, tmp_path):
