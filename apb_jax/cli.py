@@ -18,6 +18,7 @@ class UserError(Exception):
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     from apb_jax import strategies
+    from apb_jax.config import COMPRESSORS
 
     p.add_argument(
         "--strategy",
@@ -46,9 +47,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compressor",
         default=None,
-        choices=["query_aware", "retaining_heads"],
+        choices=COMPRESSORS,
         help="APB's compressor (default: the retaining heads when the model directory has "
-        "retaining_heads.safetensors or --retaining-heads is given, else query_aware)",
+        "retaining_heads.safetensors or --retaining-heads is given, else query_aware; random: P keys drawn "
+        "uniformly per block, the ablation)",
     )
     p.add_argument(
         "--retaining-heads",

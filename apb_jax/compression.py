@@ -2,9 +2,13 @@
 per KV head.
 
 Two scorers, both returning float32 [B, T, KVH] over the host's whole sequence [anchor | local]:
-- `retaining_head_scores`: Locret's MLP fc2(act(fc1(concat(q, k, v)))) on the projections before RoPE.
+- `retaining_head_scores`: Locret's MLP fc2(act(fc1(concat(q, k, v)))) on the projections before RoPE (the released
+  weights and how they map here: `apb_jax.retaining_heads`).
 - `query_aware_scores`: training-free (Spava's cheap form): k . q_bar, with q_bar the mean over the anchor's query
   rows and over the query heads of each KV group (after RoPE), in float32.
+
+And one selection without scores, the ablation: `random_select` keeps P eligible positions chosen uniformly at
+random (per row, layer, host and KV head; deterministic given a seed).
 """
 
 from __future__ import annotations
@@ -78,6 +82,21 @@ def select_top(scores: jax.Array, eligible: jax.Array, anchor_len: int, passing_
     s = max_pool(s, pool_kernel)[:, anchor_len:]
     s = jnp.where(eligible[None, :, None], s, -jnp.inf)
     _, idx = jax.lax.top_k(jnp.swapaxes(s, 1, 2), passing_len)  # [B, KVH, P]
+    return idx.astype(jnp.int32)
+
+
+def random_select(seed: int, layer: int, host, eligible: jax.Array, batch: int, kv_heads: int, passing_len: int):
+    """P distinct local positions per (row, KV head), drawn uniformly among the eligible ones: no scoring.
+
+    Every local position gets a uniform key from a stream fixed by (seed, layer, host) and the P largest keys win,
+    which is a uniformly random P-subset in random order.  Non-eligible positions get -inf, so, as with
+    `select_top`, they fill only the slots past the eligible count (which the strategy marks invalid).
+    `host` may be traced (the mesh axis index).  Returns idx int32 [batch, kv_heads, P] into the local block.
+    """
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), layer), host)
+    u = jax.random.uniform(key, (batch, kv_heads, eligible.shape[0]), jnp.float32)
+    u = jnp.where(eligible[None, None, :], u, -jnp.inf)
+    _, idx = jax.lax.top_k(u, passing_len)
     return idx.astype(jnp.int32)
 
 

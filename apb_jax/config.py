@@ -217,7 +217,9 @@ def _rope_from_hf(d: dict[str, Any]) -> RopeConfig:
     )
 
 
-COMPRESSORS = ("query_aware", "retaining_heads")
+# APB's ways of choosing the P local keys a host passes: trained retaining heads, the training-free query-aware
+# score, or uniformly at random (the ablation that shows what the scoring is worth)
+COMPRESSORS = ("query_aware", "retaining_heads", "random")
 PASS_ALL = "block"  # passing_len that passes every local key, whatever the block length
 
 

@@ -108,11 +108,12 @@ class Engine:
     Engine(model, strategy="apb", devices=4, anchor_len=None, passing_len=None, compressor="query_aware")
     strategy: a name from `apb_jax.strategies.names()`; mode="mesh" runs one host per device (shard_map);
     mode="vmap" emulates `devices` hosts on one device (jax.vmap with axis_name "sp": same per-host program, used
-    for accuracy runs on one GPU).  retaining_heads: a path (a released Locret/APB file, or a directory holding
-    one) or a `RetainingHeads`; with compressor None, APB uses the model directory's `retaining_heads.safetensors`
-    when there is one, else the training-free query-aware scores.  A prompt plus the tokens to generate longer than
-    the model's max_position_embeddings is an error unless allow_longer=True (RoPE past its trained range: quality
-    is then the model's own business).
+    for accuracy runs on one GPU).  retaining_heads: a path (a released Locret/APB checkpoint: see
+    `apb_jax.retaining_heads`) or a `RetainingHeads`; with compressor None, APB uses the model directory's
+    `retaining_heads.safetensors` when there is one, else the training-free query-aware scores; compressor="random"
+    passes P positions drawn uniformly from each block (the ablation), the same ones for the same `compressor_seed`.
+    A prompt plus the tokens to generate longer than the model's max_position_embeddings is an error unless
+    allow_longer=True (RoPE past its trained range: quality is then the model's own business).
     """
 
     def __init__(
@@ -130,11 +131,14 @@ class Engine:
         kernel_backend: str | None = None,
         mesh=None,
         allow_longer: bool = False,
+        compressor_seed: int = 0,
     ):
         if not isinstance(model, Model):
             raise TypeError(f"model must be an apb_jax Model (from apb_jax.load); got {type(model).__name__}")
         if mode not in ("mesh", "vmap"):
             raise ValueError(f"mode={mode!r} is unknown; allowed: 'mesh', 'vmap'")
+        if isinstance(compressor_seed, bool) or not isinstance(compressor_seed, (int, np.integer)):
+            raise ValueError(f"compressor_seed={compressor_seed!r} must be an int")
         unit = strategies.get(strategies.DEFAULT if strategy is None else strategy)
         if devices is None:
             devices = (
@@ -174,7 +178,7 @@ class Engine:
                 retaining_heads = load_retaining_heads(retaining_heads, model.config, dtype=model.dtype)
             self.heads = replicate(retaining_heads, self.mesh)
         self.params = replicate(model.params, self.mesh)
-        self.settings = Settings(compressor, pool_kernel, self.kernel_backend)
+        self.settings = Settings(compressor, pool_kernel, self.kernel_backend, int(compressor_seed))
         self.allow_longer = allow_longer
         self._compiled: dict = {}
 

@@ -38,11 +38,13 @@ PER_HOST = P(AXIS)  # [H, ...]: one entry per host
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What the per-host programs need besides the layout: the compressor and the attention backend."""
+    """What the per-host programs need besides the layout: the compressor (and the seed of compressor="random")
+    and the attention backend."""
 
     compressor: str = "query_aware"
     pool_kernel: int = 5
     kernel_backend: str | None = None
+    seed: int = 0
 
 
 def prefill_host(model, layout: Layout, coll, settings: Settings, *, doc_logits: bool = False, taps: bool = False):
@@ -55,7 +57,16 @@ def prefill_host(model, layout: Layout, coll, settings: Settings, *, doc_logits:
     def host(params, heads: RetainingHeads | None, tokens, positions):
         module = nnx.merge(graphdef, params)
         store: dict | None = {} if taps else None
-        ctx = HostCtx(layout, coll, settings.compressor, heads, settings.pool_kernel, settings.kernel_backend, store)
+        ctx = HostCtx(
+            layout,
+            coll,
+            compressor=settings.compressor,
+            heads=heads,
+            pool_kernel=settings.pool_kernel,
+            kernel_backend=settings.kernel_backend,
+            taps=store,
+            seed=settings.seed,
+        )
         hidden, (k, v) = module(tokens, positions, strategy.attention(ctx), rope_seq_len=total)
         out: tuple = (k[:, :, layout.anchor :], v[:, :, layout.anchor :])
         if doc_logits:

@@ -7,7 +7,8 @@ examples for every strategy) are answered greedily with `Engine.generate(doc, qu
 repeats, so one program serves the cell).  full runs on one device; ring / star / apb on H hosts: one host per device
 (mode "mesh") when >= H devices exist, else the H hosts emulated on one device (mode "vmap", e.g. one GPU).
 apb runs with the training-free query-aware compressor (apb-qa) and with the model's retaining heads (apb-rh; skipped,
-with a note, when the heads file is missing).  Everything else is the library's defaults (APB: A = L/32, P = L/64).
+with a note, when the heads file is missing); apb-rnd (asked for by name) passes P keys drawn uniformly at random, the
+ablation that shows what choosing them is worth.  Everything else is the library's defaults (APB: A = L/32, P = L/64).
 
 Writes a table (task x length rows, strategy x hosts columns, accuracy %), `accuracy_<device>_<date>.json` (per
 cell: accuracy, n, every prediction as text, timings; disagreements of each strategy with full; the issue's
@@ -36,7 +37,8 @@ ROOT = HERE.parent
 
 K = 1024
 TASKS = ("passkey", "multikey_niah", "variable_tracking")
-STRATEGIES = ("full", "ring", "star", "apb-qa", "apb-rh")
+STRATEGIES = ("full", "ring", "star", "apb-qa", "apb-rh")  # the default columns
+ALLOWED = STRATEGIES + ("apb-rnd",)
 DEFAULT_HEADS = ROOT / "apb_jax" / "assets" / "retriever" / "retaining_heads.safetensors"
 TARGETS = {
     "full_min": {"passkey": 0.95, "multikey_niah": 0.95, "variable_tracking": 0.80},
@@ -68,7 +70,7 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--tasks", default=None, help=f"default {','.join(TASKS)}")
     ap.add_argument("--lengths", default=None, help="document lengths in tokens (default 4096,8192,16384,32768)")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"any of {','.join(STRATEGIES)}")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"any of {','.join(ALLOWED)}")
     ap.add_argument("--hosts", default="2,4", help="host counts of the sequence-parallel strategies")
     ap.add_argument(
         "--columns",
@@ -146,8 +148,8 @@ def parse_args(argv=None):
         if t not in TASKS:
             ap.error(f"--tasks: {t!r} is not one of {TASKS}")
     for s in args.strategies + [c.split(":")[0] for c in words(args.columns or "")]:
-        if s not in STRATEGIES:
-            ap.error(f"--strategies/--columns: {s!r} is not one of {STRATEGIES}")
+        if s not in ALLOWED:
+            ap.error(f"--strategies/--columns: {s!r} is not one of {ALLOWED}")
     if args.columns:
         args.columns = words(args.columns)
         for c in args.columns:
@@ -165,7 +167,7 @@ def parse_args(argv=None):
 class Config:
     """One column of the table: a strategy on a host count (apb with one compressor)."""
 
-    name: str  # full | ring | star | apb-qa | apb-rh
+    name: str  # full | ring | star | apb-qa | apb-rh | apb-rnd
     hosts: int
 
     @property
@@ -174,7 +176,7 @@ class Config:
 
     @property
     def compressor(self) -> str | None:
-        return {"apb-qa": "query_aware", "apb-rh": "retaining_heads"}.get(self.name)
+        return {"apb-qa": "query_aware", "apb-rh": "retaining_heads", "apb-rnd": "random"}.get(self.name)
 
     @property
     def label(self) -> str:
@@ -451,7 +453,7 @@ def print_table(doc: dict) -> None:
     for c in cells:
         if c["label"] not in labels:
             labels.append(c["label"])
-    order = {s: i for i, s in enumerate(STRATEGIES)}
+    order = {s: i for i, s in enumerate(ALLOWED)}
     labels.sort(key=lambda lab: (order.get(lab.split()[0], 9), lab))
     by = {cell_key(c): c for c in cells}
     rows = sorted({(c["task"], c["length"]) for c in cells}, key=lambda r: (TASKS.index(r[0]), r[1]))
@@ -542,7 +544,7 @@ def plot(doc: dict, path) -> None:
         series: dict = {}
         for c in sorted((c for c in cells if c["task"] == task), key=lambda c: c["length"]):
             series.setdefault(c["label"], []).append((c["length"], 100 * c["accuracy"]))
-        order = {s: i for i, s in enumerate(STRATEGIES)}
+        order = {s: i for i, s in enumerate(ALLOWED)}
         for label in sorted(series, key=lambda lab: (order.get(lab.split()[0], 9), lab)):
             pts, name = series[label], label.split()[0]
             hosts = int(label.split("=")[1]) if "=" in label else 1

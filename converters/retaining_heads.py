@@ -1,5 +1,6 @@
-"""Convert released retaining heads (Locret / APB torch state dicts, `.bin` / `.pt` / `.safetensors`) into the
-`retaining_heads.safetensors` file that `apb_jax` finds beside a model directory.
+"""Convert released retaining heads (Locret / APB: `model.layers.{i}.self_attn.fc{1,2}.weight` in a `.bin` / `.pt` /
+`.safetensors` file, possibly a whole-model or sharded checkpoint) into the `retaining_heads.safetensors` file that
+`apb_jax` finds beside a model directory.
 
     python -m converters.retaining_heads heads.bin ./llama-8b        # writes ./llama-8b/retaining_heads.safetensors
 
@@ -37,7 +38,11 @@ def main(argv=None) -> int:
     from apb_jax.config import ModelConfig
 
     ap = argparse.ArgumentParser(prog="python -m converters.retaining_heads", description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", help="released retaining-heads file (.bin / .pt / .safetensors) or a directory with one")
+    ap.add_argument(
+        "src",
+        help="released retaining-heads file (.bin / .pt / .safetensors), or a directory holding one or a sharded "
+        "checkpoint with its *.index.json",
+    )
     ap.add_argument("model", help="the model directory the heads belong to (its config.json is checked)")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)

@@ -301,3 +301,25 @@ def test_bench_takes_its_own_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--strategies", "nope"])
     assert "unknown; allowed" in capsys.readouterr().err
+
+
+def test_every_compressor_is_offered_by_generate_eval_and_bench(capsys):
+    from apb_jax.bench.prefill import COMPRESSOR_TAGS
+    from apb_jax.bench.prefill import parse_args as bench_args
+    from apb_jax.cli import build_parser
+    from apb_jax.config import COMPRESSORS
+
+    assert "random" in COMPRESSORS and set(COMPRESSOR_TAGS) == set(COMPRESSORS)
+    parser = build_parser()
+    common = ["--model", "m", "--context-file", "c", "--question", "q"]
+    for c in COMPRESSORS:
+        assert parser.parse_args(["generate", *common, "--compressor", c]).compressor == c
+        assert parser.parse_args(["eval", "--model", "m", "--compressor", c]).compressor == c
+        assert bench_args(["--compressors", c]).compressors == [c]
+    for argv in (["generate", *common, "--compressor", "nope"], ["eval", "--model", "m", "--compressor", "nope"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert "invalid choice: 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_args(["--compressors", "query_aware,nope"])
+    assert f"allowed: {','.join(COMPRESSORS)}" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from apb_jax import Engine, Model, ModelConfig, strategies
-from apb_jax.compression import RetainingHeads, max_pool, retaining_head_scores, select_top
+from apb_jax.compression import max_pool, random_select, retaining_head_scores, select_top
 from apb_jax.models.llama import AttnCall
 from apb_jax.strategies import make_layout
 from apb_jax.strategies.apb import eligible_local
@@ -335,32 +335,6 @@ def test_retaining_head_scores_by_hand():
     np.testing.assert_allclose(got, h @ np.asarray(heads.fc2[1]), rtol=1e-5, atol=1e-5)
 
 
-def test_retaining_heads_released_key_names(tmp_path):
-    import torch
-
-    from apb_jax.retaining_heads import load_retaining_heads
-
-    d_in = (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim
-    sd = {}
-    for i in range(CFG.num_layers):
-        sd[f"model.layers.{i}.self_attn.fc1.weight"] = torch.randn(24, d_in)
-        sd[f"model.layers.{i}.self_attn.fc2.weight"] = torch.randn(CFG.num_kv_heads, 24)
-    torch.save(sd, tmp_path / "heads.bin")
-    heads = load_retaining_heads(tmp_path / "heads.bin", CFG, dtype=jnp.float32)
-    assert isinstance(heads, RetainingHeads) and len(heads.fc1) == CFG.num_layers
-    np.testing.assert_array_equal(np.asarray(heads.fc1[1]), sd["model.layers.1.self_attn.fc1.weight"].numpy().T)
-    np.testing.assert_array_equal(np.asarray(heads.fc2[0]), sd["model.layers.0.self_attn.fc2.weight"].numpy().T)
-    # mis-shaped: clear error naming the tensor
-    sd["model.layers.1.self_attn.fc1.weight"] = torch.randn(24, d_in + 1)
-    torch.save(sd, tmp_path / "bad.bin")
-    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.fc1\.weight has shape"):
-        load_retaining_heads(tmp_path / "bad.bin", CFG)
-    del sd["model.layers.1.self_attn.fc1.weight"]
-    torch.save(sd, tmp_path / "missing.bin")
-    with pytest.raises(ValueError, match=r"missing layers\.1\.self_attn\.fc1\.weight"):
-        load_retaining_heads(tmp_path / "missing.bin", CFG)
-
-
 def test_engine_loads_retaining_heads_from_safetensors(model, prompt, tmp_path):
     from apb_jax.retaining_heads import save_retaining_heads
 
@@ -371,6 +345,60 @@ def test_engine_loads_retaining_heads_from_safetensors(model, prompt, tmp_path):
     b = Engine(model, "apb", devices=4, q_insert=2, passing_len=4, retaining_heads=heads).prefill(doc, q)
     assert a.cache.layout == b.cache.layout
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("host", [0, 3])
+def test_random_selection_is_distinct_eligible_and_seeded(host):
+    lay = make_layout("apb", 4, 53, 3, anchor_len=8, passing_len=5, q_insert=2)  # B = 14, last host has 11 real
+    elig = eligible_local(HostCtx(layout=lay, coll=None), host)
+    n_elig = int(np.sum(np.asarray(elig)))
+    draw = lambda seed, layer: np.asarray(random_select(seed, layer, jnp.int32(host), elig, 2, 3, lay.passing))
+    idx = draw(7, 1)
+    assert idx.shape == (2, 3, lay.passing) and idx.dtype == np.int32
+    assert all(len(set(row)) == lay.passing for row in idx.reshape(-1, lay.passing))  # distinct
+    assert np.asarray(elig)[idx].all()  # never the anchor's duplicate or padding
+    np.testing.assert_array_equal(idx, draw(7, 1))  # deterministic
+    assert not np.array_equal(idx, draw(8, 1)) and not np.array_equal(idx, draw(7, 0))
+    assert len({tuple(row) for row in idx.reshape(-1, lay.passing)}) > 1  # rows and KV heads draw apart
+    # more slots than eligible positions: the eligible ones fill the leading (valid) slots, each once
+    few = np.asarray(random_select(0, 0, jnp.int32(host), elig, 1, 2, lay.block))
+    assert all(sorted(row[:n_elig]) == list(np.flatnonzero(np.asarray(elig))) for row in few.reshape(-1, lay.block))
+
+
+def test_apb_random_compressor_exact_mode_equals_full(model, prompt, reference):
+    """Every key passed (passing_len="block", anchor_len=0): whatever the draw, APB is exact attention."""
+    doc, q = prompt
+    eng = Engine(model, "apb", devices=4, anchor_len=0, passing_len="block", compressor="random")
+    pre = eng.prefill(doc, q, doc_logits=True)
+    np.testing.assert_allclose(pre.doc_logits, reference[0], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(pre.logits, reference[1], atol=2e-5, rtol=1e-5)
+
+
+def test_apb_random_compressor_keeps_distinct_positions_per_seed(model, prompt):
+    doc, q = prompt
+    kept = {}
+    for seed in (0, 1):
+        eng = Engine(model, "apb", devices=4, q_insert=2, passing_len=4, compressor="random", compressor_seed=seed)
+        kept[seed] = eng.kept_positions(doc, q)["positions"]  # [hosts, layers, batch, kv_heads, P] doc positions
+    np.testing.assert_array_equal(eng.kept_positions(doc, q)["positions"], kept[1])
+    assert not np.array_equal(kept[0], kept[1])
+    lay = eng.layout(DOC_LEN, Q_LEN)
+    assert kept[0].shape == (4, CFG.num_layers, 1, CFG.num_kv_heads, 4)
+    for h in range(4):
+        rows = kept[0][h].reshape(-1, 4)
+        first = max(h * lay.block, lay.anchor)  # host 0's first A positions are the anchor, on every host
+        assert ((rows >= first) & (rows < min((h + 1) * lay.block, DOC_LEN))).all()
+        assert all(len(set(r)) == 4 for r in rows)
+
+
+def test_random_compressor_costs_no_flops(model):
+    apb = strategies.get("apb")
+    lay = make_layout("apb", 4, 4096, 16)
+    assert apb.compression_flops(CFG, lay, "random", 0) == 0.0
+    assert apb.compression_flops(CFG, lay, "query_aware", 0) > 0
+    assert apb.compression_flops(CFG, lay, "retaining_heads", 64) > 0
+    with pytest.raises(ValueError, match="compressor_seed='x' must be an int"):
+        Engine(model, "apb", devices=2, compressor="random", compressor_seed="x")
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -37,11 +37,12 @@ K = 1024
 DEFAULT_LENGTHS = (32 * K, 128 * K, 512 * K, 1024 * K)
 DEFAULT_FULL_LENGTHS = (32 * K, 64 * K, 128 * K, 256 * K)
 DEFAULT_HOSTS = (2, 4, 8)
-COMPRESSOR_TAGS = {"query_aware": "qa", "retaining_heads": "rh"}
+COMPRESSOR_TAGS = {"query_aware": "qa", "retaining_heads": "rh", "random": "rnd"}  # one per config.COMPRESSORS
 
 
 def parse_args(argv=None, prog: str = "apb-jax bench"):
     from apb_jax import strategies
+    from apb_jax.config import COMPRESSORS
 
     ap = argparse.ArgumentParser(
         prog=prog,
@@ -66,7 +67,7 @@ def parse_args(argv=None, prog: str = "apb-jax bench"):
     ap.add_argument(
         "--compressors",
         default="query_aware,retaining_heads",
-        help="for strategies that compress: query_aware, retaining_heads",
+        help=f"for strategies that compress, any of {','.join(COMPRESSORS)}",
     )
     ap.add_argument(
         "--lengths",
@@ -133,8 +134,8 @@ def parse_args(argv=None, prog: str = "apb-jax bench"):
             ap.error(f"--strategies: {s!r} is unknown; allowed: {','.join(strategies.names())}")
     args.compressors = [s for s in args.compressors.split(",") if s]
     for c in args.compressors:
-        if c not in COMPRESSOR_TAGS:
-            ap.error(f"--compressors: {c!r} is unknown; allowed: {','.join(COMPRESSOR_TAGS)}")
+        if c not in COMPRESSORS:
+            ap.error(f"--compressors: {c!r} is unknown; allowed: {','.join(COMPRESSORS)}")
     if args.layers is not None and args.layers < 2:
         ap.error(f"--layers {args.layers}: need >= 2 (the last layer of a document prefill is only its k/v)")
     return args

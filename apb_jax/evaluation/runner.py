@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from apb_jax.config import COMPRESSORS
 from apb_jax.evaluation.base import Sample
 from apb_jax.evaluation.registry import get_task, make_samples, resolve_tasks
 from apb_jax.evaluation.scoring import METRICS
@@ -443,7 +444,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-format", default=None, help="the user turn, with {context} and {question}")
     p.add_argument("--system-prompt", default=None, help="a system message (default: the template's)")
     p.add_argument("--max-positions", type=int, default=None, help="default: the model's max_position_embeddings")
-    p.add_argument("--compressor", default=None, help="APB: query_aware | retaining_heads")
+    p.add_argument(
+        "--compressor",
+        default=None,
+        choices=COMPRESSORS,
+        help="APB's compressor (default: the retaining heads when found, else query_aware; random: the ablation)",
+    )
     p.add_argument("--retaining-heads", default=None, help="APB retaining-heads checkpoint")
     p.add_argument("--anchor-len", type=int, default=None, help="APB/Star anchor length (default: the paper's)")
     p.add_argument("--passing-len", type=int, default=None, help="APB passing length (default: the paper's)")

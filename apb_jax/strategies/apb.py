@@ -3,10 +3,11 @@
 Layout: host h runs rows [anchor (A) | local block h (B)]; the anchor is the document start with the query
 inserted after `q_insert` tokens (positions 0..A-1).  Defaults follow the paper: A = L/32, P = L/64.
 
-Per layer on host h: score the host's KVs, keep the top-P local positions per KV head, all_gather the compressed
-K/V of every host ([H, b, P, KVH, D] -> passing keys [b, H*P, KVH, D] in host order), and let one kernel call
-attend rows [anchor | local] to keys [passing | anchor | local] with passing keys [0, h*P) visible.  The
-positions kept are exposed as the tap "kept" (document positions, -1 for empty slots) for debugging.
+Per layer on host h: score the host's KVs and keep the top-P local positions per KV head (compressor="random":
+P positions drawn uniformly instead, the ablation), all_gather the compressed K/V of every host ([H, b, P, KVH, D]
+-> passing keys [b, H*P, KVH, D] in host order), and let one kernel call attend rows [anchor | local] to keys
+[passing | anchor | local] with passing keys [0, h*P) visible.  The positions kept are exposed as the tap "kept"
+(document positions, -1 for empty slots) for debugging.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from apb_jax.compression import gather_kv, query_aware_scores, retaining_head_scores, select_top
+from apb_jax.compression import gather_kv, query_aware_scores, random_select, retaining_head_scores, select_top
 from apb_jax.config import PASS_ALL
 from apb_jax.layout import Layout, block_len
 from apb_jax.models.llama import AttentionFn, AttnCall
@@ -120,6 +121,8 @@ class Apb(Strategy):
         if not layout.passing or layout.hosts == 1:
             return 0.0
         rows = layout.rows
+        if compressor == "random":  # a few uniform draws per local key and a top-k: no matmul
+            return 0.0
         if compressor == "retaining_heads":
             d_in = (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
             return 2.0 * rows * (d_in * heads_hidden + heads_hidden * model.num_kv_heads)
@@ -151,10 +154,15 @@ def compress(ctx: HostCtx, call: AttnCall, host):
     """This host's compressed block: k, v [b, P, KVH, D] and valid bool [P] (slots past the eligible count)."""
     lay = ctx.layout
     elig = eligible_local(ctx, host)
-    with jax.named_scope("compress/score"):
-        s = scores(ctx, call)
-    with jax.named_scope("compress/topk"):
-        idx = select_top(s, elig, lay.anchor, lay.passing, ctx.pool_kernel)  # [b, KVH, P]
+    if ctx.compressor == "random":
+        with jax.named_scope("compress/random"):
+            b, _, kvh, _ = call.k.shape
+            idx = random_select(ctx.seed, call.layer, host, elig, b, kvh, lay.passing)  # [b, KVH, P]
+    else:
+        with jax.named_scope("compress/score"):
+            s = scores(ctx, call)
+        with jax.named_scope("compress/topk"):
+            idx = select_top(s, elig, lay.anchor, lay.passing, ctx.pool_kernel)  # [b, KVH, P]
     valid = jnp.arange(lay.passing) < jnp.sum(elig)
     ctx.tap("kept", jnp.where(valid, lay.local_positions(host)[idx], -1))
     with jax.named_scope("compress/gather"):

@@ -46,6 +46,7 @@ class HostCtx:
     pool_kernel: int = 5
     kernel_backend: str | None = None  # pallas_kernels backend; None = chosen per call by the dispatcher
     taps: dict | None = None
+    seed: int = 0  # compressor="random": the seed of its draws
 
     def host(self) -> jax.Array:
         return self.coll.index()
