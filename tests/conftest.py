@@ -11,6 +11,7 @@ CI run cold, as a newcomer's first run is.
 """
 
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
@@ -25,7 +26,9 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+_OWN_CACHE = not os.environ.get("APB_TEST_CACHE")  # made here (and removed at the end), not given
 CACHE = os.environ.get("APB_TEST_CACHE") or tempfile.mkdtemp(prefix="apb_jax_test_xla_")
+os.environ["APB_TEST_CACHE"] = CACHE  # pytest-xdist workers inherit it: one cache for the whole run
 if CACHE != "off":
     os.environ["APB_JAX_CACHE"] = CACHE  # the CLI's cache, in-process and in subprocesses
     os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE  # any other jax process the tests start (notebooks, workers)
@@ -40,3 +43,5 @@ def pytest_sessionfinish(session, exitstatus):
     """No test collected is a failure, not pytest's quiet exit 5: a typo in a path or marker must not pass CI."""
     if exitstatus == 5:
         session.exitstatus = 1
+    if _OWN_CACHE and CACHE != "off":
+        shutil.rmtree(CACHE, ignore_errors=True)
