@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from apb_jax.config import COMPRESSORS, PASS_ALL
+from apb_jax.config import COMPRESSOR_TAGS, COMPRESSORS, PASS_ALL
 from apb_jax.evaluation.base import Sample
 from apb_jax.evaluation.registry import get_task, make_samples, resolve_tasks
 from apb_jax.evaluation.scoring import METRICS
@@ -153,11 +153,9 @@ def run_cell(engine, examples: Sequence[Prepared], batch_size: int, tokenizer, o
 
 
 def compressor_tag(name: str) -> str:
-    """The short form of a compressor name in column labels: the initials of its words (query_aware -> qa,
-    retaining_heads -> rh), or the whole name where two compressors of `apb_jax.config.COMPRESSORS` share them."""
-    initials = lambda n: "".join(w[:1] for w in n.split("_"))
-    clash = sum(initials(c) == initials(name) for c in COMPRESSORS) > 1
-    return name if clash or name not in COMPRESSORS else initials(name)
+    """A compressor's short name in column labels (`apb_jax.config.COMPRESSOR_TAGS`: query_aware -> qa), or its
+    whole name where it has none."""
+    return COMPRESSOR_TAGS.get(name, name)
 
 
 @dataclasses.dataclass(frozen=True)
