@@ -220,6 +220,8 @@ def _rope_from_hf(d: dict[str, Any]) -> RopeConfig:
 # APB's ways of choosing the P local keys a host passes: trained retaining heads, the training-free query-aware
 # score, or uniformly at random (the ablation that shows what the scoring is worth)
 COMPRESSORS = ("query_aware", "retaining_heads", "random")
+# each compressor's short name in result labels (the prefill benchmark's apb-qa, apb eval's apb[qa] H=4)
+COMPRESSOR_TAGS = {"query_aware": "qa", "retaining_heads": "rh", "random": "rnd"}
 PASS_ALL = "block"  # passing_len that passes every local key, whatever the block length
 
 

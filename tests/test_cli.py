@@ -314,12 +314,14 @@ def test_every_compressor_is_offered_by_generate_eval_and_bench(capsys):
     common = ["--model", "m", "--context-file", "c", "--question", "q"]
     for c in COMPRESSORS:
         assert parser.parse_args(["generate", *common, "--compressor", c]).compressor == c
-        assert parser.parse_args(["eval", "--model", "m", "--compressor", c]).compressor == c
+        assert parser.parse_args(["eval", "--model", "m", "--compressors", c]).compressors == c
         assert bench_args(["--compressors", c]).compressors == [c]
-    for argv in (["generate", *common, "--compressor", "nope"], ["eval", "--model", "m", "--compressor", "nope"]):
-        with pytest.raises(SystemExit):
-            parser.parse_args(argv)
-        assert "invalid choice: 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", *common, "--compressor", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    # eval takes a list (one column per compressor) and names what it refuses before loading any model
+    assert main(["eval", "--model", "m", "--compressors", f"{COMPRESSORS[0]},nope"]) == 2
+    assert f"--compressors: ['nope'] not allowed; allowed: {', '.join(COMPRESSORS)}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_args(["--compressors", "query_aware,nope"])
     assert f"allowed: {','.join(COMPRESSORS)}" in capsys.readouterr().err

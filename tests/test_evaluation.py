@@ -1,10 +1,13 @@
 """apb_jax.evaluation: RULER / InfiniteBench generators (length in a BPE tokenizer's tokens, answers really in the
-context), the scoring rules, and the runner on a tiny random Llama (4 fake CPU devices) and on the shipped
-retriever with its own tasks."""
+context), the scoring rules, and the runner on a tiny random Llama (4 fake CPU devices) and, through the
+`apb-jax eval` command, on the shipped retriever with its own tasks: APB variants side by side, the exact strategies
+answering exactly as full attention does."""
 
 import argparse
 import collections
+import contextlib
 import dataclasses
+import io
 import json
 import re
 from types import SimpleNamespace
@@ -12,13 +15,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from apb_jax.config import COMPRESSORS
 from apb_jax.evaluation import groups, make_samples, resolve_tasks
 from apb_jax.evaluation import scoring as S
 from apb_jax.evaluation.base import fit_size
 from apb_jax.evaluation.registry import get_task, registry
 from apb_jax.evaluation.runner import (
     Prepared,
+    _grid,
+    add_agreement,
     add_eval_arguments,
+    check_variants,
+    compressor_tag,
+    format_table,
     main_eval,
     plan_batches,
     prepare,
@@ -211,7 +220,10 @@ class ScriptedEngine:
         rows = list(doc)
         self.calls.append((type(doc).__name__, len(rows), max_new_tokens, tuple(stop_tokens)))
         tokens = [list(self.script(self.by_doc[np.asarray(r).tobytes()]))[:max_new_tokens] for r in rows]
-        return SimpleNamespace(tokens=tokens, prefill_seconds=0.5, decode_seconds=0.25, compile_seconds=0.0)
+        layout = SimpleNamespace(anchor=0, passing=0, block=len(rows[0]))
+        return SimpleNamespace(
+            tokens=tokens, prefill_seconds=0.5, decode_seconds=0.25, compile_seconds=0.0, layout=layout
+        )
 
 
 def test_run_eval_argument_errors(tiny_model, llama_tok):
@@ -286,17 +298,103 @@ def test_runner_every_text_task_apb(tiny_model, llama_tok, tasks, length):
     assert all(sum(c["doc_tokens"]) + sum(c["query_tokens"]) + 1 <= length for c in r["cells"])
 
 
-def test_runner_lang_tasks_on_the_shipped_retriever():
-    import apb_jax
+# ------------------------------------------------------------------------------------------------ variants, agreement
+
+
+def test_columns_expand_the_strategies_that_take_the_option():
+    """Compressors and passing lengths multiply only the columns of strategies that take them (registry options)."""
+    grid = _grid(["full", "star", "apb"], [2, 4], "vmap", ["query_aware", "retaining_heads"], [0, "block"])
+    labels = [col.label for col in grid]
+    assert labels[:3] == ["full", "star H=2", "star H=4"]
+    assert labels[3:7] == ["apb[qa,P=0] H=2", "apb[qa,P=block] H=2", "apb[rh,P=0] H=2", "apb[rh,P=block] H=2"]
+    assert len(labels) == len(set(labels)) == 3 + 2 * 2 * 2
+    assert [col.label for col in _grid(["apb"], [4], "mesh")] == ["apb H=4"]  # nothing asked: no brackets
+    assert [col.label for col in _grid(["apb"], [4], "mesh", None, [None, 0])] == ["apb H=4", "apb[P=0] H=4"]
+    assert _parse(["--model", "m", "--passing-lens", "default,0,block"]).passing_lens == "default,0,block"
+    tags = [compressor_tag(c) for c in COMPRESSORS]  # every compressor the config knows stays apart in labels
+    assert len(set(tags)) == len(tags) and compressor_tag("query_aware") == "qa"
+
+
+def test_variant_argument_errors():
+    allowed = ", ".join(COMPRESSORS)
+    with pytest.raises(ValueError, match=rf"compressors: \['exact'\] not allowed; allowed: {allowed}"):
+        check_variants(["apb"], ["query_aware", "exact"])
+    with pytest.raises(ValueError, match=r"--passing-lens: \[-1\] not allowed; allowed: integers >= 0, 'block' or"):
+        check_variants(["apb"], None, [0, -1], flags=True)
+    with pytest.raises(ValueError, match=r"compressors=\['query_aware'\] apply to none of the strategies"):
+        check_variants(["full", "star"], ["query_aware"])
+    with pytest.raises(ValueError, match="--passing-lens must list integers >= 0, 'block' or 'default'; got '0,x'"):
+        main_eval(_parse(["--model", "m", "--passing-lens", "0,x"]))
+
+
+def test_agreement_counts_predictions_unlike_the_reference():
+    def cell(label, strategy, preds, task="lang:passkey"):
+        return dict(task=task, length=512, label=label, strategy=strategy, hosts=4, n=len(preds), score=50.0,
+                    predictions=preds)  # fmt: skip
+
+    cells = [
+        cell("ring H=4", "ring", ["a", "b"]),  # before the reference: compared all the same
+        cell("full", "full", ["a", "b"]),
+        cell("apb[qa] H=4", "apb", ["a", "c"]),
+        cell("apb[qa] H=4", "apb", ["x", "y"], task="lang:variable_tracking"),  # no reference cell for this task
+        dict(cell("apb[rh] H=4", "apb", []), error="ValueError: no heads", score=None, n=0),
+    ]
+    assert add_agreement(cells) == "full" and "agreement" not in cells[1]
+    assert cells[0]["agreement"] == {"reference": "full", "compared": 2, "differ": 0, "differing": []}
+    assert cells[2]["agreement"]["differ"] == 1 and cells[2]["agreement"]["differing"] == [1]
+    assert "agreement" not in cells[3] and "agreement" not in cells[4]
+    table = format_table({"cells": cells, "reference": "full"}).splitlines()
+    assert table[0].endswith("diff: predictions unlike full's on the same examples / compared")
+    assert table[1].split()[-1] == "diff" and table[2].split()[-1] == "0/2" and table[3].split()[-1] == "ref"
+    assert table[4].split()[-1] == "1/2" and table[5].split()[-4:] == ["ERR", "-", "-", "-"]  # no avg, no diff
+    assert add_agreement([cells[0], cells[2]]) is None and "agreement" not in cells[0]  # no full in the run
+
+
+@pytest.fixture(scope="module")
+def eval_smoke(tmp_path_factory):
+    """`apb-jax eval` through the CLI entry on the shipped retriever, one of its own tasks, the 4 fake CPU devices:
+    full, the exact ring, and APB with each of two compressors, side by side on the same examples. Compiling is
+    nearly all of its ~50 s (three programs per column and query length), hence one task, one length."""
+    from apb_jax.cli import main
     from apb_jax.demo import ASSET
 
-    model = apb_jax.load(ASSET, dtype="float32")
-    tasks = ["lang:passkey", "lang:variable_tracking"]
-    r = run_eval(model, tasks, [1024], ["apb"], [4], n=4, batch_size=4, progress=False)
-    _check_result(r, tasks, ["apb H=4"])
-    scores = {c["task"]: c["score"] for c in r["cells"]}
-    assert scores == {"lang:passkey": 100, "lang:variable_tracking": 100}, r["cells"]
-    assert r["config"]["chat_template"] is None  # no tokenizer was needed
+    tmp = tmp_path_factory.mktemp("eval")
+    out, png = tmp / "eval.json", tmp / "eval.png"
+    argv = ["eval", "--model", str(ASSET), "--tasks", "lang:variable_tracking", "--lengths", "512"]
+    argv += ["--strategies", "full,ring,apb", "--compressors", "query_aware,retaining_heads", "--hosts", "4"]
+    argv += ["--n", "4", "--batch-size", "4", "--cpu-devices", "4", "--no-progress", "--out", str(out)]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main([*argv, "--plot", str(png)])
+    return rc, json.loads(out.read_text()), buf.getvalue(), png
+
+
+def test_eval_cli_on_the_shipped_retriever(eval_smoke):
+    from apb_jax import strategies
+
+    rc, doc, printed, png = eval_smoke
+    assert rc == 0, printed
+    labels = ["full", "ring H=4", "apb[qa] H=4", "apb[rh] H=4"]
+    assert doc["kind"] == "apb-jax eval" and doc["config"]["columns"] == labels and doc["reference"] == "full"
+    _check_result(doc, ["lang:variable_tracking"], labels)
+    assert doc["config"]["chat_template"] is None  # no tokenizer was needed
+    by = {(c["label"], c["task"]): c for c in doc["cells"]}
+    assert len(by) == len(doc["cells"]) == 4
+    for c in doc["cells"]:
+        assert c["n"] == 4 and c["layout"]["block"] == 512 // c["hosts"]
+        assert c["compressor"] == {"apb[qa] H=4": "query_aware", "apb[rh] H=4": "retaining_heads"}.get(c["label"])
+        if c["label"] == "full":
+            assert "agreement" not in c
+            continue
+        agree = c["agreement"]
+        assert agree["reference"] == "full" and agree["compared"] == 4
+        if strategies.get(c["strategy"]).exact:  # ring: full's answers, token for token
+            assert agree["differ"] == 0 and c["predictions"] == by[("full", c["task"])]["predictions"]
+    assert {c["score"] for c in doc["cells"] if c["strategy"] == "apb"} == {100}, doc["cells"]
+    table = printed.strip().splitlines()[-5:]  # the table comes last: the header, then a row per column
+    assert table[0].split()[-2:] == ["avg", "diff"] and [r.split("  ")[0] for r in table[1:]] == labels
+    assert table[1].split()[-1] == "ref" and table[2].split()[-1] == "0/4"
+    assert png.stat().st_size > 1000
 
 
 def _parse(argv):

@@ -33,11 +33,12 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from apb_jax.config import COMPRESSOR_TAGS
+
 K = 1024
 DEFAULT_LENGTHS = (32 * K, 128 * K, 512 * K, 1024 * K)
 DEFAULT_FULL_LENGTHS = (32 * K, 64 * K, 128 * K, 256 * K)
 DEFAULT_HOSTS = (2, 4, 8)
-COMPRESSOR_TAGS = {"query_aware": "qa", "retaining_heads": "rh", "random": "rnd"}  # one per config.COMPRESSORS
 
 
 def parse_args(argv=None, prog: str = "apb-jax bench"):
