@@ -21,6 +21,9 @@ if GPU_TESTS:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 else:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # compile for the tests, not for speed: LLVM's cheap pipeline (same HLO, same float semantics) takes about a
+    # quarter off the suite, which on CPU is nearly all compiling; inherited by the processes the tests start
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import jax  # noqa: E402

@@ -4,7 +4,7 @@ Joins the run (`apb_jax.distributed.initialize`, settings from the launcher's AP
 override them), builds the same tiny random model and prompt as every other process, generates with each
 strategy over a mesh of --devices global devices, and writes this process's tokens to OUT/tokens_<process>.json.
 
-    python tests/mp_worker.py --out DIR [--strategies apb,star,ring] [--devices N] [--num-processes N]
+    python tests/mp_worker.py --out DIR [--strategies apb,ring] [--devices N] [--num-processes N]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def run_strategies(strategies, devices: int | None, seed: int = 0) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--strategies", default="apb,star,ring")
+    ap.add_argument("--strategies", default="apb,ring")
     ap.add_argument("--devices", type=int, default=None, help="mesh size (default: every global device)")
     ap.add_argument("--num-processes", type=int, default=None, help="override the launcher's process count")
     ap.add_argument(

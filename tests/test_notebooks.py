@@ -101,9 +101,6 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     assert "nan%" not in text.lower() and "nanx" not in text.lower(), "a computed number came out NaN"
     if path.stem == "01_quickstart":
         assert "4 of 4 strategies answered the passkey correctly" in text, text[-2000:]
-    if path.stem == "02_anatomy_of_apb":
-        import apb_jax
-
-        if hasattr(apb_jax.Engine, "kept_positions"):  # once the API exists the notebook must use it, not skip it
-            assert "kept-positions analysis did not run" not in text
-            assert "(layer, KV head) pairs keeping a needle token" in text
+    if path.stem == "02_anatomy_of_apb":  # the kept-positions section runs on Engine.kept_positions
+        assert "kept-positions analysis did not run" not in text
+        assert "(layer, KV head) pairs keeping a needle token" in text

@@ -48,7 +48,9 @@ RUNNABLE = [c for c in commands() if c != TEST_COMMAND]
 
 def _env():
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # each command asks for its own devices, as on a fresh machine
+    # each command asks for its own devices, as on a fresh machine (conftest's compile flags are kept)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags)
     env.pop("JAX_PLATFORMS", None)
     # the session's compile cache (conftest) is kept: a program another test compiled need not compile again
     return env
