@@ -31,9 +31,9 @@ def prompt():
     return rng.integers(0, 97, DOC_LEN), rng.integers(0, 97, Q_LEN)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "hosts"), [(8, 4, 4), (4, 2, 4), (8, 1, 4)])
+@pytest.mark.parametrize(("heads", "kv_heads", "hosts"), [(8, 4, 4), (8, 8, 2), (4, 2, 4), (8, 1, 4)])
 def test_ulysses_equals_full(prompt, heads, kv_heads, hosts):
-    """KV heads split (4 over 4) or copied (2 for 4 hosts, 1 for 4): logits and greedy tokens
+    """KV heads split (4 over 4, 8 over 2) or copied (2 for 4 hosts, 1 for 4): logits and greedy tokens
     equal full attention's."""
     model = _model(heads, kv_heads)
     doc, q = prompt
