@@ -1,4 +1,4 @@
-"""Block compression (APB_SPEC §2): score every KV of a host's sequence, max-pool, keep the top-P local positions
+"""Block compression, as APB does it: score every KV of a host's sequence, max-pool, keep the top-P local positions
 per KV head.
 
 Two scorers, both returning float32 [B, T, KVH] over the host's whole sequence [anchor | local]:

@@ -32,8 +32,8 @@ A multikey query repeats its needle up to the value, as RULER's queries end with
 the needle's sentence: the answer is the continuation of `KEY apple river` wherever the document
 has it, the lookup an induction head does. Two earlier layouts ended the query with `ANS`
 (`KEY apple river IS 3 0 9 1 7 .` and `KEY 3 0 9 1 7 IS apple river .`); the model never learned
-either: the first digit stayed at chance through runs 1-5 (training/results/multikey_probes.json),
-while this layout went from chance to 99% within 300 fine-tuning steps (run 6).
+either: the first digit stayed at chance (training/results/multikey_probes.json), while this layout
+went from chance to 99% within 300 fine-tuning steps.
 
 Depth: the queried needle (for variable tracking, the chain's first statement; for deferred
 binding, the record's open statement) is preceded by `round(depth * F)` of the document's F
@@ -67,7 +67,7 @@ or "cross_host" for a host count, and `host_split(example, hosts)` reports where
 record falls, so an accuracy run can report the two cases apart.
 
 `sample_batch` packs several needles and as many queries into each training sequence (dense
-supervision, APB_SPEC.md §10) and returns `tokens` with a `loss_mask` over the answers.
+supervision) and returns `tokens` with a `loss_mask` over the answers.
 `score`/`accuracy` are exact match.
 """
 
@@ -687,7 +687,7 @@ def sample_batch(
     max_needles: int = 8,
     max_hops: int = 4,
 ) -> Batch:
-    """A batch for training with dense supervision (APB_SPEC.md §10).
+    """A batch for training with dense supervision: several needles and queries per sequence.
 
     task_mix: a task name, a list of names (equal weights) or {name: weight}.
     length: tokens per row (exact). batch: rows.

@@ -1,4 +1,4 @@
-"""APB attention kernel benchmark (issue 10 §5): useful TFLOP/s on one GPU.
+"""APB attention kernel benchmark: useful TFLOP/s on one GPU.
 
 Cases (Llama-3.1-8B heads: 32 q / 8 kv, d 128, bf16, batch 1):
   causal-L     plain causal attention, L = 16K, 32K, 64K, 128K (anchor 0, no passing)

@@ -2,6 +2,7 @@
 own files, the model knows nothing of the mesh, and configuration is read when called, not at import."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,19 @@ def test_no_environment_read_at_import():
                     if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
                         bad.append(f"{p.relative_to(ROOT)}:{node.lineno}")
     assert not bad, f"environment read at import: {bad}"
+
+
+def test_code_and_docs_explain_themselves_without_outside_notes():
+    """Comments and docs say what the code does and why, not where a tracker or a private note said it: no issue
+    numbers and no citations of documents outside the repository."""
+    pattern = re.compile(r"(?i:\bissue #?\d+)|\b[A-Z]+_SPEC(\.md)?\b|ARCHITECTURE\.md")
+    files = [p for pkg in ORDER if (ROOT / pkg).is_dir() for p in _py(pkg)]
+    files += sorted((ROOT / "tests").rglob("*.py")) + sorted(ROOT.glob("*.md")) + sorted(ROOT.rglob("NOTES.md"))
+    bad = []
+    for p in files:
+        if p == Path(__file__).resolve():
+            continue
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if m := pattern.search(line):
+                bad.append(f"{p.relative_to(ROOT)}:{i} {m.group(0)!r}")
+    assert not bad, f"outside notes cited: {bad}"

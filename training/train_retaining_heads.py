@@ -1,4 +1,4 @@
-"""Train retaining heads (Locret, arXiv 2410.01805) for a frozen model: issue #6 item 4, APB_SPEC.md §2 and §9.
+"""Train retaining heads (Locret, arXiv 2410.01805) for a frozen model, the compressor of APB.
 
     python training/train_retaining_heads.py --model apb_jax/assets/retriever \\
         --out apb_jax/assets/retriever/retaining_heads.safetensors --length 8192 --steps 3000 --time-budget-s 100
@@ -20,7 +20,7 @@ chunks of query rows, each against all keys with a causal mask, so memory is O(c
 the same pass returns the attention output the next layer needs).  `rows="all"` (default, the issue's definition)
 takes every later row.  `rows="answers"` keeps only the rows of the query/answer tail (positions from the first
 `QRY` on) and trains on the document's keys only: Locret's own choice of rows (its data_gen takes the answer
-tokens' rows, with pre-softmax scores; APB_SPEC §9).  For APB the default is the better fit: at decode time the
+tokens' rows, with pre-softmax scores).  For APB the default is the better fit: at decode time the
 query reads every host's exact cache, so what a passing block serves is the prefill of later document rows on
 later hosts, not the answer.
 

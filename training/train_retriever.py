@@ -1,4 +1,4 @@
-"""Train the embedded retriever: a tiny Llama on the synthetic long-context tasks (issue #6, APB_SPEC.md §10).
+"""Train the embedded retriever: a tiny Llama on the synthetic long-context tasks.
 
     python training/train_retriever.py --out apb_jax/assets/retriever --time-budget-s 480
 
@@ -49,7 +49,7 @@ from apb_jax.tasks import TASKS, make_examples, sample_batch  # noqa: E402  (num
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    # model (Llama with GQA; APB_SPEC §10's probe shape)
+    # model (Llama with GQA, the shape of a small retrieval probe)
     layers: int = 4
     hidden: int = 256
     heads: int = 8

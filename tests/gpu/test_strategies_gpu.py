@@ -21,21 +21,13 @@ hosts emulated by jax.vmap on the one GPU).  What it checks, against full causal
     APB and Star logits finite, their float32-exact parts within bf16 error of full float32, and the whole
     within bf16 error of the same strategy in float32.
 
-Kernels on the GPU (pallas_kernels.apb_attention.default_backend): float32 goes to Pallas-Triton with IEEE
-dots (precision HIGHEST in pallas_kernels/portable.py; Mosaic takes bf16/f16 only), full attention in float32
-is plain XLA einsums (strategies/full.py), so the float32 comparisons keep a tight tolerance (F32_TOL).
-bfloat16 goes to Mosaic on Hopper (head_dim 64/128), else Triton; full attention in bf16 to cuDNN.
+Kernels on the GPU (pallas_kernels.apb_attention.choose_backend): every strategy, full included, goes through the
+dispatcher. float32 goes to Pallas-Triton with IEEE dots (precision HIGHEST in pallas_kernels/portable.py; Mosaic
+and cuDNN take bf16/f16 only), so the float32 comparisons keep a tight tolerance (F32_TOL). bfloat16 goes to Mosaic
+on Hopper (head_dim 64/128); off Hopper plain causal goes to cuDNN and the rest to Triton.
 
-GPU runs so far (nvidia-h200-x2, jax 0.11.2, 2026-11-23), not yet green, because they are slow, not wrong:
-- run 1: full == Model.logits and the one-host ring and APB cases passed, then
-  `one_gpu_strategies_equal_full[star-1host]` did not finish within 190 s;
-- run 2 (`--timeout 40`): the one-host ring/APB and the vmap-4 ring cases hit the time limit;
-- run 3 (`--timeout 70 -o faulthandler_timeout=40`): on the 2-GPU mesh, exact APB == full passed for both
-  compressors; `ring_equals_full[2gpus]` failed, its reason cut off with the run (it also compiled the module's
-  full-attention reference); on one GPU, full == Model.logits and ring-1host passed. The stack dumps of every
-  test past 40 s were inside XLA's `backend_compile_and_load`: each case spends 40-70 s compiling float32
-  programs of a 2-layer model. The suspect is XLA's GEMM autotuning (it tries many kernels per float32 dot at
-  precision HIGHEST); the next run should set XLA_FLAGS=--xla_gpu_autotune_level=0 and a --timeout of 150 s.
+Compiles dominate these tests (float32 programs of a 2-layer model; with XLA's GEMM autotuning on, a case spent
+40-70 s compiling): tests/conftest.py turns autotuning off under APB_TEST_GPU=1.
 
 The devices come from `devices_under_test()` only: to try these bodies without a GPU, make it `return jax.devices()`
 in a scratch copy and run it on fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8,
