@@ -48,3 +48,14 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
     if _OWN_CACHE and CACHE != "off":
         shutil.rmtree(CACHE, ignore_errors=True)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the default in pyproject): one worker per core, at most 8 and at most one per 3 GiB of memory. Each
+    worker is a JAX process holding its own compiled programs and test models: a 64-core box must not start 64."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = 3 * cores
+    return max(1, min(cores, 8, int(mem_gib // 3)))
