@@ -551,10 +551,16 @@ def host_split(example: Example, hosts: int) -> str:
     """
     if example.task != "deferred_binding":
         raise ValueError(f"host_split reads deferred_binding examples, got task={example.task!r}")
+    return record_split(len(example.document), example.needle_positions, hosts)
+
+
+def record_split(doc_len: int, needle_positions: Sequence[int], hosts: int) -> str:
+    """`host_split` from a deferred_binding example's document length and needle positions (the open and
+    value statements' starts), as an accuracy run stores them."""
     if hosts < 1:
         raise ValueError(f"hosts={hosts} must be >= 1")
-    block = -(-len(example.document) // hosts)
-    k, v = example.needle_positions
+    block = -(-doc_len // hosts)
+    k, v = (int(x) for x in needle_positions)
     kb = {k // block, (k + _OPEN_LEN - 1) // block}
     vb = {v // block, (v + _VALUE_LEN - 1) // block}
     if len(kb | vb) == 1:
@@ -787,6 +793,7 @@ __all__ = [
     "make_examples",
     "multikey_niah",
     "passkey",
+    "record_split",
     "sample_batch",
     "score",
     "variable_tracking",

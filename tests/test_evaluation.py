@@ -25,6 +25,7 @@ from apb_jax.evaluation.runner import (
     _grid,
     add_agreement,
     add_eval_arguments,
+    add_split_scores,
     check_variants,
     compressor_tag,
     format_table,
@@ -432,3 +433,35 @@ def test_main_eval_flag_errors(tmp_path):
         main_eval(_parse(["--model", str(tmp_path), "--strategies", "full,flash"]))
     with pytest.raises(ValueError, match="--lengths must list integers >= 1"):
         main_eval(_parse(["--model", str(tmp_path), "--lengths", "0"]))
+
+
+def test_deferred_binding_cells_report_scores_by_host_split():
+    """Each lang:deferred_binding cell breaks its score down by where the asked record falls for the column's host
+    blocks (a one-device column: for every host count of the run), as apb_jax.tasks.host_split says."""
+    from apb_jax import tasks
+
+    n, length = 24, 4096
+    exs = prepare(make_samples("lang:deferred_binding", length, n, 0, None), None, None)
+    truth = tasks.make_examples("deferred_binding", 0, n, length)  # the same seeds: the same documents
+    scores = [float(i % 3 == 0) for i in range(n)]
+    base = {"task": "lang:deferred_binding", "length": length, "scores": scores, "n": n, "score": 0.0}
+    apb = {**base, "label": "apb H=4", "strategy": "apb", "hosts": 4}
+    full = {**base, "label": "full", "strategy": "full", "hosts": 1}
+    add_split_scores(apb, exs, [2, 4])
+    add_split_scores(full, exs, [1, 2, 4])
+    for h in (2, 4):
+        want = collections.defaultdict(list)
+        for ex, sc in zip(truth, scores):
+            want[tasks.host_split(ex, h)].append(sc)
+        got = full["by_split"][str(h)]
+        assert {k: v["n"] for k, v in got.items()} == {k: len(v) for k, v in want.items()}
+        assert {k: v["score"] for k, v in got.items()} == pytest.approx(
+            {k: 100 * sum(v) / len(v) for k, v in want.items()}, abs=0.01
+        )
+    assert set(full["by_split"]) == {"2", "4"} and apb["by_split"] == {"4": full["by_split"]["4"]}
+    assert len(apb["by_split"]["4"]) >= 2, "random placements over 4 blocks fall into more than one split"
+    other = {**base, "label": "apb H=4", "strategy": "apb", "hosts": 4, "task": "lang:passkey"}
+    add_split_scores(other, exs, [4])
+    assert "by_split" not in other
+    table = format_table({"cells": [full, apb], "reference": None})
+    assert "by where the asked record falls" in table and "apb H=4 @4096, blocks of H=4" in table

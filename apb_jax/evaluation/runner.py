@@ -213,6 +213,42 @@ def add_agreement(cells: list[dict]) -> str | None:
     return ref
 
 
+SPLIT_TASK = "lang:deferred_binding"
+
+
+def add_split_scores(cell: dict, examples: Sequence[Prepared], hosts: Sequence[int]) -> None:
+    """For `lang:deferred_binding`: the cell's score by where each example's asked record falls
+    (`apb_jax.tasks.host_split`: same_host, key_in_anchor, cross_host, mixed), as cell["by_split"] =
+    {"H": {split: {"n", "score"}}}, for the cell's own host count, or for every host count of the run where the
+    column runs on one device (full attention: its reference score on each split)."""
+    from apb_jax.tasks import record_split
+
+    if cell["task"] != SPLIT_TASK or not cell.get("scores"):
+        return
+    counts = [cell["hosts"]] if cell["hosts"] > 1 else [h for h in hosts if h > 1]
+    by: dict[str, dict[str, dict]] = {}
+    for h in counts:
+        groups: dict[str, list[float]] = {}
+        for ex, score in zip(examples, cell["scores"]):
+            split = record_split(len(ex.doc_ids), ex.sample.metadata["needle_positions"], h)
+            groups.setdefault(split, []).append(score)
+        by[str(h)] = {k: {"n": len(v), "score": round(100 * sum(v) / len(v), 2)} for k, v in sorted(groups.items())}
+    if by:
+        cell["by_split"] = by
+
+
+def format_splits(cells: list[dict]) -> list[str]:
+    """Lines of the table for the cells that have a split breakdown (see `add_split_scores`)."""
+    out = []
+    for c in cells:
+        for h, groups in c.get("by_split", {}).items():
+            parts = " · ".join(f"{k} {v['score']:.1f} (n={v['n']})" for k, v in groups.items())
+            out.append(f"  {c['label']} @{c['length']}, blocks of H={h}: {parts}")
+    if out:
+        out.insert(0, f"{SPLIT_TASK} by where the asked record falls (score, n):")
+    return out
+
+
 def format_table(result: dict) -> str:
     """Scores as the paper lays them out: one row per (column, length), tasks as columns, then the mean; with a
     reference column in the run, a last column `diff` counts the predictions unlike the reference's (of those
@@ -244,7 +280,7 @@ def format_table(result: dict) -> str:
     title = f"scores 0-100 (n = {'/'.join(map(str, n)) or '-'} per cell; each task's own metric)"
     if ref:
         title += f"; diff: predictions unlike {ref}'s on the same examples / compared"
-    return "\n".join([title, line(head), *(line(r) for r in body)])
+    return "\n".join([title, line(head), *(line(r) for r in body), *format_splits(cells)])
 
 
 def plot_result(result: dict, path) -> Path:
@@ -486,6 +522,7 @@ def run_eval(
                     cell.update(n=0, score=None)
                     bar.update(len(exs))
                     tqdm.write(f"{col.label} {t}@{L}: {cell['error'][:500]}", file=sys.stderr)
+                add_split_scores(cell, exs, hosts)
                 cell["answers"] = [list(ex.sample.answers) for ex in exs]
                 cell["doc_tokens"] = [len(ex.doc_ids) for ex in exs]
                 cell["query_tokens"] = [len(ex.query_ids) for ex in exs]
