@@ -10,7 +10,7 @@ GEMM layout is decided by a number, not a guess. Rows default to the busiest APB
     python benchmarks/projection_bench.py --smoke            # tiny shapes on the CPU (a CI check)
 
 Each case is timed as the median of --repeats runs after a warm-up (host clock after block_until_ready), inputs
-random N(0, 1) in --dtype with float32 accumulation, as the model's layers run. TFLOP/s counts 2*M*N*K per GEMM.
+random N(0, 1) in --dtype, accumulated in float32 and written back in --dtype. TFLOP/s counts 2*M*N*K per GEMM.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import numpy as np
 
 from apb_jax.config import COMPRESSOR_TAGS, COMPRESSORS, PASS_ALL
 from apb_jax.evaluation.base import Sample
-from apb_jax.evaluation.registry import get_task, make_samples, resolve_tasks
+from apb_jax.evaluation.registry import LANG_PREFIX, get_task, make_samples, resolve_tasks
 from apb_jax.evaluation.scoring import METRICS
 from apb_jax.prompting import PromptRenderer
 from apb_jax.strategies import COMPARISON
@@ -213,7 +213,7 @@ def add_agreement(cells: list[dict]) -> str | None:
     return ref
 
 
-SPLIT_TASK = "lang:deferred_binding"
+SPLIT_TASK = LANG_PREFIX + "deferred_binding"
 
 
 def add_split_scores(cell: dict, examples: Sequence[Prepared], hosts: Sequence[int]) -> None:
